@@ -1,0 +1,1 @@
+"""Conversion of the officially released RedNet checkpoints (OpenMMLab, PaddleClas)."""

@@ -1,0 +1,1 @@
+"""The RedNet ImageNet-style classification trainer."""

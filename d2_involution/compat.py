@@ -1,0 +1,139 @@
+"""Every difference between the detectron2 versions we support, in one place.
+
+Supported: detectron2 main (built from source, with its compiled ``detectron2._C``) and the official
+v0.6 Python sources as shipped by the ``pb1-detectron2==0.6`` package, which has no ``_C`` and
+predates numpy 2, Pillow 10 and setuptools 81. Importing this module (``import d2_involution`` does
+it first) makes the v0.6 fallback usable on today's libraries; each fix is engaged only where the
+installed detectron2 actually needs it, so on detectron2 main this module changes nothing.
+
+Fixes applied when needed:
+
+* ``detectron2._C`` missing: a stand-in module is installed whose every attribute raises a clear
+  ``RuntimeError`` naming the compiled op. None of this project's models needs ``_C`` (ROIAlign and
+  NMS come from torchvision); deformable/rotated ops and the fast COCO evaluator do.
+* ``PIL.Image.LINEAR`` (removed in Pillow 10; a default argument in v0.6's transforms).
+* ``np.bool/np.int/np.float/np.str`` (removed in numpy 1.24; v0.6's SemSegEvaluator uses them).
+* ``pkg_resources`` (removed with setuptools 81; v0.6's ``model_zoo`` imports it).
+
+Also here: helpers whose right call differs between versions (the COCO evaluator).
+"""
+import importlib
+import importlib.util
+import logging
+import sys
+import types
+from typing import Any, List
+
+__all__ = [
+    "DETECTRON2_VERSION",
+    "HAS_COMPILED_OPS",
+    "describe_gaps",
+    "build_coco_evaluator",
+]
+
+logger = logging.getLogger(__name__)
+
+_GAPS: List[str] = []
+
+
+class _MissingCompiledOps(types.ModuleType):
+    """Stand-in for ``detectron2._C``: any use raises an error that says what is missing."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(
+            f"detectron2._C.{name} is not available: this detectron2 was installed without its "
+            "compiled extension (pb1-detectron2==0.6 ships no C++/CUDA sources). Deformable "
+            "convolution, rotated boxes and the fast COCO evaluator need it; build detectron2 from "
+            "source to use them. COCO evaluation works with use_fast_impl=False "
+            "(d2_involution.compat.build_coco_evaluator does that for you)."
+        )
+
+
+def _install_missing_c_standin(d2: types.ModuleType) -> bool:
+    """Return True when the real compiled ops are present; install the stand-in otherwise."""
+    try:
+        spec = importlib.util.find_spec("detectron2._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        try:
+            importlib.import_module("detectron2._C")
+            return True
+        except ImportError as e:
+            logger.warning("detectron2._C is present but does not load (%s); using a stand-in", e)
+    standin = _MissingCompiledOps("detectron2._C")
+    standin.__file__ = None
+    sys.modules["detectron2._C"] = standin
+    d2._C = standin
+    _GAPS.append(
+        "detectron2._C (compiled ops: deformable conv, rotated boxes, fast COCO eval); "
+        "ROIAlign/NMS come from torchvision, COCO eval uses pycocotools"
+    )
+    return False
+
+
+def _patch_pillow() -> None:
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
+def _patch_numpy_aliases() -> None:
+    import numpy as np
+
+    for name, value in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if name not in np.__dict__:
+            setattr(np, name, value)
+
+
+def _install_pkg_resources_standin() -> None:
+    """v0.6's model_zoo uses only ``pkg_resources.resource_filename``; provide that if missing."""
+    if importlib.util.find_spec("pkg_resources") is not None:
+        return
+    import importlib.resources as resources
+
+    def resource_filename(package: str, resource: str) -> str:
+        return str(resources.files(package).joinpath(resource))
+
+    standin = types.ModuleType("pkg_resources")
+    standin.resource_filename = resource_filename
+    sys.modules["pkg_resources"] = standin
+
+
+def _setup() -> str:
+    import detectron2
+
+    version = getattr(detectron2, "__version__", "unknown")
+    is_v06 = version.startswith("0.6")
+    global HAS_COMPILED_OPS
+    HAS_COMPILED_OPS = _install_missing_c_standin(detectron2)
+    if is_v06:
+        _patch_pillow()
+        _patch_numpy_aliases()
+        _install_pkg_resources_standin()
+    return version
+
+
+HAS_COMPILED_OPS = False
+DETECTRON2_VERSION = _setup()
+
+
+def describe_gaps() -> List[str]:
+    """What the installed detectron2 cannot do, one line each (empty when nothing is missing)."""
+    return list(_GAPS)
+
+
+def build_coco_evaluator(dataset_name: str, output_dir: str = None, **kwargs: Any):
+    """A ``COCOEvaluator`` that works on every supported detectron2.
+
+    The fast (C++) COCO evaluation needs ``detectron2._C``; without it the official pycocotools
+    path is used, which gives the same numbers.
+    """
+    from detectron2.evaluation import COCOEvaluator
+
+    if not HAS_COMPILED_OPS:
+        kwargs["use_fast_impl"] = False
+    return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)

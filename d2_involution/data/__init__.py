@@ -1,0 +1,1 @@
+"""Built-in datasets (synthetic shapes) and their registration with Detectron2."""

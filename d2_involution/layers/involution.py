@@ -1,0 +1,104 @@
+"""The ``Involution`` module: kernel generation (paper, Sec. 3) followed by the involution op."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import involution
+from .norm import get_norm
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d, optional norm, optional ReLU, with the official checkpoints' names (conv, bn)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        bias: Optional[bool] = None,
+        norm: str = "BN",
+        activation: bool = True,
+    ):
+        super().__init__()
+        if bias is None:
+            bias = not norm
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias
+        )
+        self.bn = get_norm(norm, out_channels)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return torch.relu(x) if self.activation else x
+
+
+class Involution(nn.Module):
+    """Involution with its kernel generator.
+
+    Kernel generation follows the paper and the official code: AvgPool(stride) when stride > 1,
+    1x1 conv C -> C/r (no bias) + norm + ReLU, 1x1 conv C/r -> K*K*G (with bias); G = C /
+    group_channels. For an odd input size with stride > 1 the official code pools to floor(H/s)
+    kernels but produces ceil(H/s) outputs; here the pooling uses ``ceil_mode=True`` so the kernel
+    grid always equals the output grid (the last row/column averages the pixels that exist). For
+    even sizes this is exactly the official computation.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        stride: int = 1,
+        group_channels: int = 16,
+        reduction_ratio: int = 4,
+        norm: str = "BN",
+    ):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"Involution: kernel_size must be a positive odd int, got {kernel_size}")
+        if stride < 1:
+            raise ValueError(f"Involution: stride must be >= 1, got {stride}")
+        if group_channels < 1 or channels % group_channels != 0:
+            raise ValueError(
+                f"Involution: channels ({channels}) must be divisible by group_channels "
+                f"({group_channels})"
+            )
+        if reduction_ratio < 1 or channels // reduction_ratio < 1:
+            raise ValueError(
+                f"Involution: reduction_ratio must be in [1, channels={channels}], "
+                f"got {reduction_ratio}"
+            )
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.groups = channels // group_channels
+        self.avgpool = (
+            nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+        )
+        self.conv1 = ConvNormAct(channels, channels // reduction_ratio, norm=norm)
+        self.conv2 = ConvNormAct(
+            channels // reduction_ratio,
+            kernel_size * kernel_size * self.groups,
+            bias=True,
+            norm="",
+            activation=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"Involution: expected input (N, {self.channels}, H, W), got {tuple(x.shape)}"
+            )
+        weight = self.conv2(self.conv1(self.avgpool(x)))
+        N, _, Ho, Wo = weight.shape
+        K = self.kernel_size
+        weight = weight.view(N, self.groups, K, K, Ho, Wo)
+        return involution(x, weight, stride=self.stride)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}"
