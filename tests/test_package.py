@@ -1,0 +1,35 @@
+"""The package imports, registers its config keys, and reports what the installed detectron2 lacks."""
+import detectron2
+from detectron2.config import get_cfg
+
+import d2_involution
+from d2_involution import compat
+
+
+def test_add_involution_config_adds_subtrees():
+    cfg = d2_involution.add_involution_config(get_cfg())
+    assert cfg.MODEL.INVOLUTION.KERNEL_SIZE == 7
+    assert cfg.MODEL.INVOLUTION.GROUP_CHANNELS == 16
+    assert cfg.MODEL.REDNET.DEPTH in (26, 38, 50, 101, 152)
+    # Merging a file that sets our keys must work on the extended config.
+    cfg.merge_from_list(["MODEL.REDNET.DEPTH", "26", "MODEL.INVOLUTION.KERNEL_SIZE", "3"])
+    assert cfg.MODEL.REDNET.DEPTH == 26 and cfg.MODEL.INVOLUTION.KERNEL_SIZE == 3
+
+
+def test_compat_reports_version_and_gaps():
+    assert compat.DETECTRON2_VERSION == detectron2.__version__
+    gaps = compat.describe_gaps()
+    if compat.HAS_COMPILED_OPS:
+        assert not any("detectron2._C" in g for g in gaps)
+    else:
+        assert any("detectron2._C" in g for g in gaps)
+
+
+def test_v06_fallback_runs_on_current_libraries():
+    """The v0.6 modules that break on Pillow >= 10 / numpy >= 1.24 import and work."""
+    import numpy as np
+    from detectron2.data import transforms as T
+
+    img = np.random.RandomState(0).randint(0, 255, (20, 30, 3)).astype(np.uint8)
+    out = T.ExtentTransform((0, 0, 30, 20), (10, 15)).apply_image(img)
+    assert out.shape == (10, 15, 3)
