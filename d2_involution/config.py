@@ -1,4 +1,5 @@
 """Config keys added by d2_involution: ``MODEL.INVOLUTION``, ``MODEL.REDNET`` and the heads'."""
+
 from detectron2.config import CfgNode as CN
 
 
@@ -43,4 +44,12 @@ def _add_head_keys(cfg: CN) -> None:
 
 
 def _add_training_keys(cfg: CN) -> None:
-    pass
+    # Poly schedule (SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR", see d2_involution.solver):
+    # lr = BASE_LR * max((1 - iter / MAX_ITER) ** POLY_LR_POWER, POLY_LR_CONSTANT_ENDING).
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+    cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
+    # Semantic segmentation crops (RandomCrop_CategoryAreaConstraint): retry the crop when one
+    # category covers more than this fraction of it; 1.0 disables the check. Same key as
+    # Detectron2's DeepLab/PointRend projects, so their configs merge with ours.
+    if "SINGLE_CATEGORY_MAX_AREA" not in cfg.INPUT.CROP:
+        cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
