@@ -13,13 +13,17 @@ Fixes applied when needed:
   NMS come from torchvision); deformable/rotated ops and the fast COCO evaluator do.
 * ``PIL.Image.LINEAR`` (removed in Pillow 10; a default argument in v0.6's transforms).
 * ``np.bool/np.int/np.float/np.str`` (removed in numpy 1.24; v0.6's SemSegEvaluator uses them).
-* ``pkg_resources`` (removed with setuptools 81; v0.6's ``model_zoo`` imports it).
+* ``pkg_resources`` (removed with setuptools 81; ``model_zoo`` imports it, on main too).
+
+Each is keyed on what the installed detectron2's source uses (read, not imported), because
+detectron2 main still reports ``__version__ == "0.6"``.
 
 Also here: helpers whose right call differs between versions (the COCO evaluator).
 """
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import types
 from typing import Any, List
@@ -103,18 +107,35 @@ def _install_pkg_resources_standin() -> None:
     sys.modules["pkg_resources"] = standin
 
 
+def _source_uses(d2: types.ModuleType, module: str, *tokens: str) -> bool:
+    """Whether a detectron2 module's source mentions any token, read without importing it.
+
+    detectron2 main still calls itself 0.6, so fixes are keyed on what the code uses, not on
+    the version string. (Importing the module to look would fail on the very thing we fix.)
+    """
+    parts = module.split(".")[1:]
+    path = os.path.join(os.path.dirname(d2.__file__), *parts) + ".py"
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    return any(t in source for t in tokens)
+
+
 def _setup() -> str:
     import detectron2
 
-    version = getattr(detectron2, "__version__", "unknown")
-    is_v06 = version.startswith("0.6")
     global HAS_COMPILED_OPS
     HAS_COMPILED_OPS = _install_missing_c_standin(detectron2)
-    if is_v06:
+    if _source_uses(detectron2, "detectron2.data.transforms.transform", "Image.LINEAR"):
         _patch_pillow()
+    if _source_uses(
+        detectron2, "detectron2.evaluation.sem_seg_evaluation", "np.int)", "np.float)"
+    ) or _source_uses(detectron2, "detectron2.evaluation.pascal_voc_evaluation", "np.bool)"):
         _patch_numpy_aliases()
+    if _source_uses(detectron2, "detectron2.model_zoo.model_zoo", "import pkg_resources"):
         _install_pkg_resources_standin()
-    return version
+    return getattr(detectron2, "__version__", "unknown")
 
 
 HAS_COMPILED_OPS = False
