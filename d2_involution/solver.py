@@ -1,18 +1,29 @@
-"""Learning-rate schedules: Detectron2's, plus the poly schedule used for semantic segmentation.
+"""Optimizer and learning-rate schedule: Detectron2's, plus what the official RedNet runs used.
 
-Neither detectron2 v0.6 nor main has a poly schedule in core (it lives in the DeepLab project), and
-the official RedNet segmentation models (mmseg) train with ``lr = base * (1 - it / max_it) ** 0.9``.
+* Poly schedule: neither detectron2 v0.6 nor main has one in core (it lives in the DeepLab
+  project); the official segmentation models (mmseg) use ``lr = base * (1 - it / max_it) ** 0.9``.
+* Whole-model gradient clipping: Detectron2's ``CLIP_TYPE: "norm"`` clips each parameter's gradient
+  separately, while the official detectors (mmcv ``grad_clip``) clip the norm of all gradients
+  together. ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"`` selects the latter (the name
+  Detectron2's DeepLab and Mask2Former projects use for the same thing).
 """
 
 import math
+from typing import Callable, Optional
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
+from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import ParamScheduler
 
-__all__ = ["PolyParamScheduler", "build_lr_scheduler"]
+__all__ = [
+    "PolyParamScheduler",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "clip_full_model_gradients",
+]
 
 
 class PolyParamScheduler(ParamScheduler):
@@ -59,3 +70,41 @@ def build_lr_scheduler(
         cfg.SOLVER.WARMUP_METHOD,
     )
     return LRMultiplier(optimizer, multiplier=sched, max_iter=max_iter)
+
+
+def clip_full_model_gradients(
+    optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
+) -> torch.optim.Optimizer:
+    """Make ``optimizer.step()`` first clip the total gradient norm of all its parameters.
+
+    The optimizer is changed in place (its class becomes a subclass whose ``step`` clips) and
+    returned; its state dict is unchanged, so checkpoints stay compatible.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer)}")
+    if not max_norm > 0:
+        raise ValueError(f"max_norm: expected a positive number, got {max_norm!r}")
+    base = type(optimizer)
+
+    class _FullModelClipping(base):
+        def step(self, closure: Optional[Callable] = None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    _FullModelClipping.__name__ = base.__name__ + "WithFullModelGradientClipping"
+    _FullModelClipping.__qualname__ = _FullModelClipping.__name__
+    optimizer.__class__ = _FullModelClipping
+    return optimizer
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Detectron2's ``build_optimizer`` plus ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"``."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
+        return d2_build_optimizer(cfg, model)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    optimizer = d2_build_optimizer(cfg, model)
+    return clip_full_model_gradients(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
