@@ -40,7 +40,27 @@ def _add_rednet_keys(cfg: CN) -> None:
 
 
 def _add_head_keys(cfg: CN) -> None:
-    pass
+    # Norm inside the kernel generator of the involution FPN's output blocks (official: BN).
+    cfg.MODEL.FPN.INVOLUTION_NORM = "BN"
+    # RetinaNet P7 = conv(relu(P6)) in Detectron2; the official RedNet RetinaNet neck has no ReLU.
+    cfg.MODEL.FPN.RELU_BEFORE_P7 = False
+    # Kernel-generator norm of InvolutionRPNHead and InvolutionMaskHead (official: BN).
+    cfg.MODEL.RPN.INVOLUTION_NORM = "BN"
+    cfg.MODEL.ROI_MASK_HEAD.INVOLUTION_NORM = "BN"
+    # UPerNetHead (MODEL.SEM_SEG_HEAD.NAME = "UPerNetHead"): uses SEM_SEG_HEAD.IN_FEATURES (C2..C5),
+    # NUM_CLASSES, IGNORE_VALUE, NORM, LOSS_WEIGHT, and these.
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET = CN()
+    # Pyramid pooling module on the last in-feature: adaptive average pools to these sizes.
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET.POOL_SCALES = [1, 2, 3, 6]
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET.CHANNELS = 512
+    # Dropout before the 1x1 classifiers (decode and auxiliary heads).
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET.DROPOUT = 0.1
+    # Auxiliary FCN head (training only): feature, channels, number of 3x3 convs, loss weight.
+    # AUX_LOSS_WEIGHT 0 removes the auxiliary head.
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET.AUX_IN_FEATURE = "res4"
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET.AUX_CHANNELS = 256
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET.AUX_NUM_CONVS = 1
+    cfg.MODEL.SEM_SEG_HEAD.UPERNET.AUX_LOSS_WEIGHT = 0.4
 
 
 def _add_training_keys(cfg: CN) -> None:

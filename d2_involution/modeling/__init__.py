@@ -1,5 +1,37 @@
 """RedNet backbones, involution FPNs and heads, registered with Detectron2's registries."""
 
-from .rednet import REDNET_DEPTHS, RedNet, RedNetBlock, RedNetStem, build_rednet
+from .fpn import (
+    FPN,
+    LastLevelP6P7,
+    build_rednet_fpn_backbone,
+    build_rednet_involution_fpn_backbone,
+    build_retinanet_rednet_fpn_backbone,
+    build_retinanet_rednet_involution_fpn_backbone,
+    conv_output_block,
+    involution_output_block,
+)
+from .rednet import (
+    REDNET_DEPTHS,
+    RedNet,
+    RedNetBlock,
+    RedNetStem,
+    build_rednet,
+    build_rednet_backbone,
+)
 
-__all__ = ["REDNET_DEPTHS", "RedNet", "RedNetBlock", "RedNetStem", "build_rednet"]
+__all__ = [
+    "FPN",
+    "LastLevelP6P7",
+    "REDNET_DEPTHS",
+    "RedNet",
+    "RedNetBlock",
+    "RedNetStem",
+    "build_rednet",
+    "build_rednet_backbone",
+    "build_rednet_fpn_backbone",
+    "build_rednet_involution_fpn_backbone",
+    "build_retinanet_rednet_fpn_backbone",
+    "build_retinanet_rednet_involution_fpn_backbone",
+    "conv_output_block",
+    "involution_output_block",
+]
