@@ -10,6 +10,7 @@ from .fpn import (
     conv_output_block,
     involution_output_block,
 )
+from .heads import InvolutionMaskHead, InvolutionRPNHead, UPerNetHead
 from .rednet import (
     REDNET_DEPTHS,
     RedNet,
@@ -20,6 +21,9 @@ from .rednet import (
 )
 
 __all__ = [
+    "InvolutionMaskHead",
+    "InvolutionRPNHead",
+    "UPerNetHead",
     "FPN",
     "LastLevelP6P7",
     "REDNET_DEPTHS",
