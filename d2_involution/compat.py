@@ -41,7 +41,20 @@ _GAPS: List[str] = []
 
 
 class _MissingCompiledOps(types.ModuleType):
-    """Stand-in for ``detectron2._C``: any use raises an error that says what is missing."""
+    """Stand-in for ``detectron2._C``: any use raises an error that says what is missing.
+
+    The build-information queries that ``detectron2.utils.collect_env`` (called by
+    ``default_setup``, i.e. every ``train_net.py`` run) makes answer "not built" instead.
+    """
+
+    def get_compiler_version(self) -> str:
+        return "not built (detectron2._C missing)"
+
+    def get_cuda_version(self) -> str:
+        return "not built (detectron2._C missing)"
+
+    def has_cuda(self) -> bool:
+        return False
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
