@@ -90,6 +90,33 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
     assert len(os.listdir(os.path.join(folder, "images"))) == 4
 
 
+def _generate_small(root: str) -> str:
+    return generate_shapes_split(root, "train", num_images=6, image_size=64)
+
+
+def test_concurrent_generation_happens_once(tmp_path, monkeypatch):
+    """Processes racing for the same split wait on the lock and reuse the finished folder."""
+    import multiprocessing
+
+    log = tmp_path / "writes.log"
+    write_png = shapes._write_png
+
+    def logged_write(path, array):
+        with open(log, "a") as f:
+            f.write(f"{path.name}\n")
+        write_png(path, array)
+
+    monkeypatch.setattr(shapes, "_write_png", logged_write)  # inherited by the forked workers
+    root = tmp_path / "root"
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        folders = pool.map(_generate_small, [str(root)] * 3)
+    assert folders == [str(root / "train")] * 3
+    assert len(log.read_text().split()) == 12  # 6 images + 6 labels, written by one process
+    assert sorted(os.listdir(root)) == [".train.lock", "train"]
+    monkeypatch.undo()
+    assert _files(folders[0]) == _files(generate_shapes_split(str(tmp_path / "x"), "train", 6, 64))
+
+
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "mine.txt").write_text("user data")
