@@ -92,7 +92,7 @@ def test_rpn_head_rejects_channel_changing_conv_dims():
     cfg = rcnn_cfg()
     cfg.MODEL.RPN.CONV_DIMS = [128]
     with pytest.raises(ValueError, match="CONV_DIMS"):
-        build_rpn_head(cfg, [ShapeSpec(channels=256, stride=4)])
+        build_rpn_head(cfg, [ShapeSpec(channels=256, stride=s) for s in (4, 8, 16, 32, 64)])
 
 
 def test_mask_head_structure_and_loss_equal_detectron2():
