@@ -256,6 +256,7 @@ def test_val_has_occlusions(shapes_val_dicts):
         ({"radius_range": (0.3, 0.1)}, "radius_range must satisfy"),
         ({"num_objects": 2, "classes": [0]}, "classes must have num_objects=2 entries, got 1"),
         ({"num_objects": 0}, "num_objects must be >= 1, got 0"),
+        ({"num_objects": 1, "classes": [5]}, r"classes must be indices in \[0, 5\), got \[5\]"),
     ],
 )
 def test_render_bad_arguments(kwargs, match):

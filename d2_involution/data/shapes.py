@@ -164,9 +164,8 @@ def render_shapes_scene(
     ``classes`` fixes the class of each shape (bottom to top); otherwise classes are uniform.
     ``radius_range`` is the nominal radius as a fraction of ``image_size``. Shapes whose visible
     part is under ``min_visible_fraction`` of their area or ``min_visible_area`` pixels (default
-    0.15% of the image) are removed;
-    the topmost shape is never occluded, so a scene keeps at least one shape when its area is large
-    enough. Instances are returned bottom to top.
+    0.15% of the image) are removed; the topmost shape is never occluded, so a scene keeps at least
+    one shape when its area is large enough. Instances are returned bottom to top.
     """
     size = _check_int("image_size", image_size, 16)
     _check_int("num_objects", num_objects, 1)
@@ -175,6 +174,8 @@ def render_shapes_scene(
         raise ValueError(f"radius_range must satisfy 0 < low <= high <= 0.5, got {radius_range}")
     if classes is not None and len(classes) != num_objects:
         raise ValueError(f"classes must have num_objects={num_objects} entries, got {len(classes)}")
+    if classes is not None and not all(0 <= int(c) < len(SHAPE_CLASSES) for c in classes):
+        raise ValueError(f"classes must be indices in [0, {len(SHAPE_CLASSES)}), got {classes}")
 
     if min_visible_area is None:
         min_visible_area = max(1, int(0.0015 * size * size))
