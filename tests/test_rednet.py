@@ -267,3 +267,31 @@ def test_bad_freeze_at_raises():
     cfg.MODEL.BACKBONE.FREEZE_AT = 7
     with pytest.raises(ValueError, match="freeze_at"):
         build_backbone(cfg)
+
+
+def test_frozen_bn_norm_builds_without_trainable_norms():
+    model = build_rednet(26, norm="FrozenBN", out_features=["res3"]).train()
+    norms = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    n_norm_params = sum(p.numel() for n, p in model.named_parameters() if ".bn" in n)
+    assert n_norm_params == 0
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model(x)["res3"], model.eval()(x)["res3"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rednet_fpn_cuda_matches_cpu():
+    from d2_involution.modeling import FPN, involution_output_block
+
+    torch.manual_seed(0)
+    bottom_up = build_rednet(26, out_features=["res2", "res3", "res4", "res5"])
+    model = FPN(
+        bottom_up, ["res2", "res3", "res4", "res5"], 256, output_block=involution_output_block()
+    )
+    model.eval()
+    x = torch.randn(2, 3, 67, 93)
+    with torch.no_grad():
+        cpu = model(x)
+        gpu = model.cuda()(x.cuda())
+    for name, value in cpu.items():
+        torch.testing.assert_close(gpu[name].cpu(), value, rtol=1e-3, atol=1e-3)

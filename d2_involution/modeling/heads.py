@@ -11,7 +11,10 @@
 * :class:`UPerNetHead` (``SEM_SEG_HEADS_REGISTRY``): UPerNet (Xiao et al., ECCV'18) as configured
   by the official RedNet segmentation models (mmseg ``UPerHead`` + auxiliary ``FCNHead``): pyramid
   pooling on the last feature, FPN fusion, a 3x3 fusion conv, and in training an auxiliary FCN
-  loss on ``AUX_IN_FEATURE``.
+  loss on ``AUX_IN_FEATURE``. Names (mmseg in brackets): ``psp.stages.{i}.1.{conv,bn}``
+  (``decode_head.psp_modules.{i}.1``), ``psp.bottleneck`` (``bottleneck``), ``lateral_convs.{i}``,
+  ``fpn_convs.{i}``, ``fpn_bottleneck``, ``predictor`` (``conv_seg``), ``aux_convs.{i}``
+  (``auxiliary_head.convs.{i}``), ``aux_predictor`` (``auxiliary_head.conv_seg``).
 """
 
 from collections import OrderedDict
