@@ -11,7 +11,7 @@ setup(
     description="Involution (CVPR'21) and the RedNet family, native to Detectron2",
     python_requires=">=3.9",
     packages=find_packages(include=("d2_involution", "d2_involution.*")),
-    package_data={"d2_involution.ops": ["*.cu", "*.cuh"]},
+    package_data={"d2_involution.ops": ["*.cu", "*.cuh", "*.cpp"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -1,4 +1,5 @@
 """The ``Involution`` module: kernel generation (paper, Sec. 3) followed by the involution op."""
+
 from typing import Optional
 
 import torch
@@ -57,10 +58,15 @@ class Involution(nn.Module):
         group_channels: int = 16,
         reduction_ratio: int = 4,
         norm: str = "BN",
+        dilation: int = 1,
     ):
         super().__init__()
+        if dilation < 1:
+            raise ValueError(f"Involution: dilation must be >= 1, got {dilation}")
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"Involution: kernel_size must be a positive odd int, got {kernel_size}")
+            raise ValueError(
+                f"Involution: kernel_size must be a positive odd int, got {kernel_size}"
+            )
         if stride < 1:
             raise ValueError(f"Involution: stride must be >= 1, got {stride}")
         if group_channels < 1 or channels % group_channels != 0:
@@ -76,10 +82,9 @@ class Involution(nn.Module):
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride
+        self.dilation = dilation
         self.groups = channels // group_channels
-        self.avgpool = (
-            nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
-        )
+        self.avgpool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
         self.conv1 = ConvNormAct(channels, channels // reduction_ratio, norm=norm)
         self.conv2 = ConvNormAct(
             channels // reduction_ratio,
@@ -97,8 +102,12 @@ class Involution(nn.Module):
         weight = self.conv2(self.conv1(self.avgpool(x)))
         N, _, Ho, Wo = weight.shape
         K = self.kernel_size
-        weight = weight.view(N, self.groups, K, K, Ho, Wo)
-        return involution(x, weight, stride=self.stride)
+        # reshape, not view: under channels_last the generated kernels are not NCHW-contiguous.
+        weight = weight.reshape(N, self.groups, K, K, Ho, Wo)
+        return involution(x, weight, stride=self.stride, dilation=self.dilation)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, groups={self.groups}"
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"dilation={self.dilation}, groups={self.groups}"
+        )

@@ -1,4 +1,17 @@
-"""The involution operator (CUDA kernels through CuPy, and a CPU path)."""
-from .involution import involution, involution_output_size
+"""The involution operator (CUDA kernels through CuPy, a C++ CPU kernel, a pure-PyTorch path)."""
 
-__all__ = ["involution", "involution_output_size"]
+from .involution import (
+    SUPPORTED_DTYPES,
+    involution,
+    involution_output_size,
+    involution_pytorch,
+    pure_pytorch_trace,
+)
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "involution",
+    "involution_output_size",
+    "involution_pytorch",
+    "pure_pytorch_trace",
+]

@@ -1,11 +1,44 @@
 """``involution(x, weight)``: per-pixel, per-group spatial kernels applied to a feature map.
 
 out[n, c, i, j] = sum_{u,v<K} weight[n, g(c), u, v, i, j] * x[n, c, i*s + u*d - p, j*s + v*d - p]
-with g(c) = c // (C // G) (contiguous channel groups, as the official code).
+with g(c) = c // (C // G) (contiguous channel groups, as the official code), zero padding p
+(default d*(K-1)/2) and Ho = floor((H + 2p - d(K-1) - 1) / s) + 1 (likewise Wo).
+
+How PyTorch sees it:
+
+* ``torch.ops.d2_involution.involution`` is a ``torch.library`` custom op with a fake kernel, so
+  ``torch.compile`` and ``torch.export`` treat it as one opaque node. Its backward calls two more
+  custom ops, ``involution_grad_input`` and ``involution_grad_weight``.
+* Kernels: CuPy/NVRTC kernels on CUDA tensors (``cuda_kernel.py``), a C++ kernel on CPU tensors
+  (``cpu_kernel.py``), and :func:`involution_pytorch` (plain tensor ops, no unfold) elsewhere or
+  when the C++ kernel cannot be built.
+* Autocast (CUDA and CPU): both inputs are cast to the autocast dtype and the kernel runs in it
+  (accumulating in fp32); there is no silent fall-back to an fp32 op.
+* ``torch.jit.trace`` records the custom op as one node (fvcore's ``FlopCountAnalysis`` counts it
+  through ``d2_involution.ops.flops``; the traced module runs wherever ``d2_involution`` is
+  imported). ONNX export, and tracing inside :func:`pure_pytorch_trace`, record
+  :func:`involution_pytorch` instead, i.e. only standard operators.
 """
-from typing import Optional
+
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
+from torch import Tensor
+
+from . import cpu_kernel
+
+__all__ = [
+    "involution",
+    "involution_output_size",
+    "involution_pytorch",
+    "pure_pytorch_trace",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+_pure_trace_depth = 0
 
 
 def involution_output_size(
@@ -17,44 +50,379 @@ def involution_output_size(
     return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
-def _check_args(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int):
+@contextlib.contextmanager
+def pure_pytorch_trace() -> Iterator[None]:
+    """Within this block, ``torch.jit.trace`` records standard operators instead of the custom op.
+
+    Use it to save a TorchScript module that runs without d2_involution installed.
+    """
+    global _pure_trace_depth
+    _pure_trace_depth += 1
+    try:
+        yield
+    finally:
+        _pure_trace_depth -= 1
+
+
+def _record_pure_path() -> bool:
+    if torch.onnx.is_in_onnx_export():
+        return True
+    return _pure_trace_depth > 0 and torch.jit.is_tracing()
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"involution: {name} must be an int, got {type(value).__name__} ({value!r})"
+        )
+    if value < minimum:
+        raise ValueError(f"involution: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _dims(t: Tensor) -> Tuple[int, ...]:
+    """The shape; plain ints under ``torch.jit`` tracing, where sizes are otherwise traced."""
+    if torch.jit.is_tracing():
+        return tuple(int(d) for d in t.shape)
+    return tuple(t.shape)
+
+
+def _check_args(
+    x: Tensor, weight: Tensor, stride: int, padding: Optional[int], dilation: int
+) -> Tuple[int, int, int]:
+    """Validate the inputs at the boundary; returns (stride, padding, dilation) with padding set."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"involution: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 4:
         raise ValueError(f"involution: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 6:
         raise ValueError(
             f"involution: weight must be 6-D (N, G, K, K, Ho, Wo), got shape {tuple(weight.shape)}"
         )
+    for name, t in (("x", x), ("weight", weight)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"involution: {name} has dtype {t.dtype}; expected one of "
+                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
+            )
+    if x.device != weight.device:
+        raise ValueError(
+            f"involution: x and weight must be on the same device, got x on {x.device} and "
+            f"weight on {weight.device}"
+        )
+    autocasting = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != weight.dtype and not autocasting:
+        raise TypeError(
+            f"involution: x and weight must have the same dtype, got x {x.dtype} and "
+            f"weight {weight.dtype}"
+        )
+    N, C, H, W = _dims(x)
+    Nw, G, K, K2, Ho, Wo = _dims(weight)
+    if K != K2 or K < 1 or K % 2 == 0:
+        raise ValueError(
+            "involution: weight must be (N, G, K, K, Ho, Wo) with K a positive odd int, got "
+            f"shape {tuple(weight.shape)}"
+        )
+    stride = _check_int("stride", stride, 1)
+    dilation = _check_int("dilation", dilation, 1)
+    padding = _check_int("padding", dilation * (K - 1) // 2 if padding is None else padding, 0)
+    if G < 1 or C % G != 0:
+        raise ValueError(
+            f"involution: the channels of x ({C}, shape {tuple(x.shape)}) must be divisible by "
+            f"the groups of weight ({G}, shape {tuple(weight.shape)})"
+        )
+    if Nw != N:
+        raise ValueError(
+            f"involution: batch size of weight ({Nw}, shape {tuple(weight.shape)}) does not match "
+            f"x ({N}, shape {tuple(x.shape)})"
+        )
+    exp_h = involution_output_size(H, K, stride, padding, dilation)
+    exp_w = involution_output_size(W, K, stride, padding, dilation)
+    if exp_h < 1 or exp_w < 1:
+        raise ValueError(
+            f"involution: x of shape {tuple(x.shape)} is too small for K={K}, stride={stride}, "
+            f"padding={padding}, dilation={dilation} (output would be {exp_h}x{exp_w})"
+        )
+    if (Ho, Wo) != (exp_h, exp_w):
+        raise ValueError(
+            f"involution: weight spatial size ({Ho}, {Wo}) (shape {tuple(weight.shape)}) does not "
+            f"match the output size ({exp_h}, {exp_w}) of x with shape {tuple(x.shape)}, K={K}, "
+            f"stride={stride}, padding={padding}, dilation={dilation}"
+        )
+    return stride, padding, dilation
 
 
 def involution(
-    x: torch.Tensor,
-    weight: torch.Tensor,
+    x: Tensor,
+    weight: Tensor,
     stride: int = 1,
     padding: Optional[int] = None,
     dilation: int = 1,
-) -> torch.Tensor:
-    """Apply involution. x: (N, C, H, W); weight: (N, G, K, K, Ho, Wo). Returns (N, C, Ho, Wo)."""
-    K = weight.shape[2]
-    if padding is None:
-        padding = dilation * (K - 1) // 2
-    _check_args(x, weight, stride, padding, dilation)
-    return _involution_shifted(x, weight, stride, padding, dilation)
+) -> Tensor:
+    """Apply involution. x: (N, C, H, W); weight: (N, G, K, K, Ho, Wo). Returns (N, C, Ho, Wo).
+
+    Differentiable in both inputs. Runs the CUDA kernels on CUDA tensors and the C++ kernel on CPU
+    tensors; see the module docstring for compile, autocast, tracing and export.
+    """
+    stride, padding, dilation = _check_args(x, weight, stride, padding, dilation)
+    if _record_pure_path():
+        return involution_pytorch(x, weight, stride, padding, dilation)
+    return torch.ops.d2_involution.involution(x, weight, stride, padding, dilation)
 
 
-def _involution_shifted(
-    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int
-) -> torch.Tensor:
-    """Pure-PyTorch reference: accumulate K*K shifted, strided views of the padded input."""
-    N, C, H, W = x.shape
-    G, K = weight.shape[1], weight.shape[2]
-    Ho, Wo = weight.shape[4], weight.shape[5]
-    xp = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    xp = xp.view(N, G, C // G, H + 2 * padding, W + 2 * padding)
-    out = x.new_zeros((N, G, C // G, Ho, Wo))
+# ---------------------------------------------------------------------------------------------
+# Pure-PyTorch path: K*K strided views of the padded input, accumulated in place of an unfold.
+# Peak extra memory: the padded input plus one output-sized product.
+
+
+def _shifted_views(xp: Tensor, K: int, Ho: int, Wo: int, stride: int, dilation: int):
+    """Yields (u, v, view of the padded xp under tap (u, v)), each view of shape (..., Ho, Wo)."""
     for u in range(K):
         for v in range(K):
             hs, ws = u * dilation, v * dilation
             he, we = hs + (Ho - 1) * stride + 1, ws + (Wo - 1) * stride + 1
-            patch = xp[..., hs:he:stride, ws:we:stride]
-            out = out + patch * weight[:, :, u, v].unsqueeze(2)
-    return out.view(N, C, Ho, Wo)
+            yield u, v, xp[..., hs:he:stride, ws:we:stride]
+
+
+def involution_pytorch(
+    x: Tensor, weight: Tensor, stride: int = 1, padding: Optional[int] = None, dilation: int = 1
+) -> Tensor:
+    """Involution with standard tensor ops only (traceable, exportable, differentiable by autograd).
+
+    Low-precision inputs are accumulated in fp32.
+    """
+    stride, padding, dilation = _check_args(x, weight, stride, padding, dilation)
+    N, C, H, W = _dims(x)
+    _, G, K, _, Ho, Wo = _dims(weight)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xg = x.reshape(N, G, C // G, H, W)
+    out = torch.zeros((N, G, C // G, Ho, Wo), dtype=acc, device=x.device)
+    xp = torch.nn.functional.pad(xg, (padding,) * 4)
+    for u, v, patch in _shifted_views(xp, K, Ho, Wo, stride, dilation):
+        out = out + patch.to(acc) * weight[:, :, u, v].unsqueeze(2).to(acc)
+    return out.reshape(N, C, Ho, Wo).to(x.dtype)
+
+
+def _pytorch_grad_input(
+    grad_out: Tensor, weight: Tensor, H: int, W: int, stride: int, padding: int, dilation: int
+) -> Tensor:
+    N, C, Ho, Wo = grad_out.shape
+    G, K = weight.shape[1], weight.shape[2]
+    acc = torch.promote_types(grad_out.dtype, torch.float32)
+    go = grad_out.reshape(N, G, C // G, Ho, Wo).to(acc)
+    gxp = torch.zeros((N, G, C // G, H + 2 * padding, W + 2 * padding), dtype=acc, device=go.device)
+    for u, v, view in _shifted_views(gxp, K, Ho, Wo, stride, dilation):
+        view.add_(go * weight[:, :, u, v].unsqueeze(2).to(acc))
+    gx = gxp[..., padding : padding + H, padding : padding + W]
+    return gx.reshape(N, C, H, W).to(grad_out.dtype)
+
+
+def _pytorch_grad_weight(
+    grad_out: Tensor, x: Tensor, G: int, K: int, stride: int, padding: int, dilation: int
+) -> Tensor:
+    N, C, Ho, Wo = grad_out.shape
+    acc = torch.promote_types(grad_out.dtype, torch.float32)
+    go = grad_out.reshape(N, G, C // G, Ho, Wo).to(acc)
+    xg = x.reshape(N, G, C // G, x.shape[2], x.shape[3])
+    gw = torch.empty((N, G, K, K, Ho, Wo), dtype=acc, device=x.device)
+    xp = torch.nn.functional.pad(xg, (padding,) * 4)
+    for u, v, patch in _shifted_views(xp, K, Ho, Wo, stride, dilation):
+        gw[:, :, u, v] = (go * patch.to(acc)).sum(2)
+    return gw.to(grad_out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels per device. fp16/bf16 on the CPU run the fp32 C++ kernel (fp32 accumulation).
+
+
+def _cpu_kernel_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    if not cpu_kernel.available():
+        return None
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _forward_default(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    kdt = _cpu_kernel_dtype(x.dtype) if x.device.type == "cpu" else None
+    if kdt is None:
+        return involution_pytorch(x, weight, stride, padding, dilation)
+    out = cpu_kernel.forward(
+        x.to(kdt).contiguous(), weight.to(kdt).contiguous(), stride, padding, dilation
+    )
+    return out.to(x.dtype)
+
+
+def _grad_input_default(
+    grad_out: Tensor, weight: Tensor, H: int, W: int, stride: int, padding: int, dilation: int
+) -> Tensor:
+    kdt = _cpu_kernel_dtype(grad_out.dtype) if grad_out.device.type == "cpu" else None
+    if kdt is None:
+        return _pytorch_grad_input(grad_out, weight, H, W, stride, padding, dilation)
+    gx = cpu_kernel.grad_input(
+        grad_out.to(kdt).contiguous(), weight.to(kdt).contiguous(), H, W, stride, padding, dilation
+    )
+    return gx.to(grad_out.dtype)
+
+
+def _grad_weight_default(
+    grad_out: Tensor, x: Tensor, G: int, K: int, stride: int, padding: int, dilation: int
+) -> Tensor:
+    kdt = _cpu_kernel_dtype(grad_out.dtype) if grad_out.device.type == "cpu" else None
+    if kdt is None:
+        return _pytorch_grad_weight(grad_out, x, G, K, stride, padding, dilation)
+    gw = cpu_kernel.grad_weight(
+        grad_out.to(kdt).contiguous(), x.to(kdt).contiguous(), G, K, stride, padding, dilation
+    )
+    return gw.to(grad_out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops.
+
+
+@torch.library.custom_op("d2_involution::involution", mutates_args=())
+def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    return _forward_default(x, weight, stride, padding, dilation)
+
+
+@torch.library.custom_op("d2_involution::involution_grad_input", mutates_args=())
+def _grad_input_op(
+    grad_out: Tensor,
+    weight: Tensor,
+    height: int,
+    width: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    return _grad_input_default(grad_out, weight, height, width, stride, padding, dilation)
+
+
+@torch.library.custom_op("d2_involution::involution_grad_weight", mutates_args=())
+def _grad_weight_op(
+    grad_out: Tensor,
+    x: Tensor,
+    groups: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    return _grad_weight_default(grad_out, x, groups, kernel_size, stride, padding, dilation)
+
+
+@_involution_op.register_kernel("cuda")
+def _involution_cuda(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    from . import cuda_kernel
+
+    if not cuda_kernel.available():
+        return involution_pytorch(x, weight, stride, padding, dilation)
+    return cuda_kernel.forward(x, weight, stride, padding, dilation)
+
+
+@_grad_input_op.register_kernel("cuda")
+def _grad_input_cuda(
+    grad_out: Tensor,
+    weight: Tensor,
+    height: int,
+    width: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    from . import cuda_kernel
+
+    if not cuda_kernel.available():
+        return _pytorch_grad_input(grad_out, weight, height, width, stride, padding, dilation)
+    return cuda_kernel.grad_input(grad_out, weight, height, width, stride, padding, dilation)
+
+
+@_grad_weight_op.register_kernel("cuda")
+def _grad_weight_cuda(
+    grad_out: Tensor,
+    x: Tensor,
+    groups: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    from . import cuda_kernel
+
+    if not cuda_kernel.available():
+        return _pytorch_grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
+    return cuda_kernel.grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
+
+
+@_involution_op.register_fake
+def _involution_fake(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], weight.shape[4], weight.shape[5]))
+
+
+@_grad_input_op.register_fake
+def _grad_input_fake(
+    grad_out: Tensor,
+    weight: Tensor,
+    height: int,
+    width: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
+
+
+@_grad_weight_op.register_fake
+def _grad_weight_fake(
+    grad_out: Tensor,
+    x: Tensor,
+    groups: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    N, _, Ho, Wo = grad_out.shape
+    return grad_out.new_empty((N, groups, kernel_size, kernel_size, Ho, Wo))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, dilation)
+
+
+def _backward(ctx, grad_out: Tensor):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_input_op(grad_out, weight, x.shape[2], x.shape[3], *ctx.geometry)
+    if ctx.needs_input_grad[1]:
+        grad_weight = _grad_weight_op(grad_out, x, weight.shape[1], weight.shape[2], *ctx.geometry)
+    return grad_x, grad_weight, None, None, None
+
+
+_involution_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_autocast(device_type: str) -> None:
+    """Under autocast, cast both inputs to the autocast dtype (not a fixed one) and run the op."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    op = torch.ops.d2_involution.involution.default
+
+    def cast(t: Tensor) -> Tensor:
+        dtype = torch.get_autocast_dtype(device_type)
+        return t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+
+    def run(x, weight, stride, padding, dilation):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(cast(x), cast(weight), stride, padding, dilation)
+
+    op.py_impl(key)(run)
+    _LIB.impl("involution", lambda _keyset, *args: run(*args), key_name, with_keyset=True)
+
+
+_LIB = torch.library.Library("d2_involution", "IMPL")
+for _device in _AUTOCAST_DEVICES:
+    _register_autocast(_device)
