@@ -1,0 +1,143 @@
+"""End-to-end: configs/Shapes/ models train with train_net.py's Trainer on CPU and learn.
+
+CI budget: training every Shapes config to a useful score takes tens of minutes on 2 cores (see
+docs/training.md for the full runs and their results). Here, within a few minutes:
+
+* trained to a threshold (bounded iterations, fixed seed), then re-evaluated with ``--eval-only``
+  on the saved checkpoint and run through tools/demo.py: the semantic FPN and the Faster R-CNN
+  (the cheapest segmentation and detection models); the same model untrained is evaluated too,
+  and the trained score must be far above it;
+* smoke-trained (a few iterations, then the full evaluation): every other Shapes config.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+from detectron2.engine import default_argument_parser
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train_net  # noqa: E402
+
+SHAPES = REPO / "configs" / "Shapes"
+
+# config -> (task, metric, threshold, CI overrides). Thresholds are the measured CI scores with
+# margin; docs/training.md lists the measurements.
+TRAINED: Dict[str, Tuple[str, str, float, Tuple[str, ...]]] = {
+    "semantic_fpn_rednet26_fpn.yaml": ("sem_seg", "mIoU", 50.0, ("SOLVER.MAX_ITER", "150")),
+    "faster_rcnn_rednet26_fpn.yaml": (
+        "bbox",
+        "AP50",
+        30.0,
+        ("SOLVER.MAX_ITER", "200", "SOLVER.STEPS", "(170,)"),
+    ),
+}
+SMOKE = sorted(
+    p.name
+    for p in SHAPES.glob("*.yaml")
+    if not p.name.startswith("Base-") and p.name not in TRAINED
+)
+
+
+def run_train_net(config: str, output_dir: Path, *opts: str, eval_only: bool = False) -> dict:
+    """``train_net.py --config-file configs/Shapes/<config> [--eval-only] OUTPUT_DIR ... opts``."""
+    argv = ["--config-file", str(SHAPES / config)] + (["--eval-only"] if eval_only else [])
+    args = default_argument_parser().parse_args(argv + ["OUTPUT_DIR", str(output_dir), *opts])
+    return train_net.main(args)
+
+
+@pytest.fixture(scope="module", params=sorted(TRAINED))
+def trained(request, tmp_path_factory):
+    """Train one config to its CI length; returns (config, output dir, final results)."""
+    config = request.param
+    out = tmp_path_factory.mktemp(Path(config).stem)
+    results = run_train_net(config, out, *TRAINED[config][3])
+    return config, out, results
+
+
+def test_trains_far_above_untrained(trained, tmp_path):
+    config, out, results = trained
+    task, metric, threshold, _ = TRAINED[config]
+    untrained = run_train_net(config, tmp_path, "MODEL.WEIGHTS", "", eval_only=True)
+    print(
+        f"{config}: {task} {metric} trained {results[task][metric]:.2f}, "
+        f"untrained {untrained[task][metric]:.2f}"
+    )
+    assert results[task][metric] >= threshold
+    assert results[task][metric] >= untrained[task][metric] + threshold / 2
+    assert (out / "model_final.pth").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert metrics[0]["total_loss"] > metrics[-2]["total_loss"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
+
+
+def test_eval_only_reproduces_final_evaluation(trained, tmp_path):
+    config, out, results = trained
+    again = run_train_net(
+        config, tmp_path, "MODEL.WEIGHTS", str(out / "model_final.pth"), eval_only=True
+    )
+    task = TRAINED[config][0]
+    assert again[task].keys() == results[task].keys()
+    for key, value in results[task].items():
+        assert again[task][key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+
+
+def test_demo_on_trained_model(trained, tmp_path):
+    """tools/demo.py (as a command) on two val images: pictures and JSON that match the task."""
+    config, out, _ = trained
+    from detectron2.data import DatasetCatalog
+
+    images = [d["file_name"] for d in DatasetCatalog.get("shapes_val")[:2]]
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "demo.py"),
+        "--config-file",
+        str(SHAPES / config),
+        "--input",
+        *images,
+        "--output",
+        str(tmp_path),
+        "--confidence-threshold",
+        "0.5",
+        "--opts",
+        "MODEL.WEIGHTS",
+        str(out / "model_final.pth"),
+        "MODEL.DEVICE",
+        "cpu",
+    ]
+    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ), timeout=300)
+    records = json.loads((tmp_path / "predictions.json").read_text())
+    assert [r["file_name"] for r in records] == images
+    for image, record in zip(images, records):
+        assert (tmp_path / (Path(image).stem + ".png")).is_file()
+        if TRAINED[config][0] == "sem_seg":
+            assert (tmp_path / record["sem_seg"]["file_name"]).is_file()
+            assert "background" in record["sem_seg"]["classes"].values()
+            assert len(record["sem_seg"]["classes"]) >= 2  # a trained model finds shapes
+        else:
+            assert record["instances"], "a trained detector finds the shapes"
+            assert all(inst["score"] >= 0.5 for inst in record["instances"])
+
+
+@pytest.mark.parametrize("config", SMOKE)
+def test_smoke_train_and_evaluate(config, tmp_path):
+    results = run_train_net(
+        config,
+        tmp_path,
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+    )
+    task = "sem_seg" if "semantic" in config or "upernet" in config else "bbox"
+    assert task in results
+    if task == "bbox" and "mask" in config:
+        assert "segm" in results
+    assert (tmp_path / "model_final.pth").is_file()
