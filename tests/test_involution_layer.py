@@ -1,0 +1,148 @@
+"""The Involution module: official names and parameter counts, the official computation on even
+sizes, the kernel grid on odd sizes, norms, and FLOP counting."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import d2_involution  # noqa: F401  # isort: skip
+from d2_involution.layers import Involution
+from d2_involution.ops.flops import add_involution_flop_handles
+
+REFERENCE = Path("/work/shared/reference/official_rednet_keys.json")
+if not REFERENCE.exists():
+    REFERENCE = Path(__file__).resolve().parents[1] / "shared/reference/official_rednet_keys.json"
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random parameters and BN statistics, so that no term of the computation is trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(
+                    torch.rand(t.shape, generator=g) + 0.5
+                    if "var" in name
+                    else torch.randn(t.shape, generator=g) * 0.5
+                )
+    return module
+
+
+def official_forward(m: Involution, x: torch.Tensor) -> torch.Tensor:
+    """The official computation (d-li14/involution, mmcv-style): floor-mode AvgPool, unfold."""
+    N, C, H, W = x.shape
+    K, s, G = m.kernel_size, m.stride, m.groups
+    pooled = F.avg_pool2d(x, s, s) if s > 1 else x
+    weight = m.conv2.conv(F.relu(m.conv1.bn(m.conv1.conv(pooled))))
+    h, w = weight.shape[-2:]
+    weight = weight.view(N, G, K * K, h, w).unsqueeze(2)
+    cols = F.unfold(x, K, dilation=1, padding=(K - 1) // 2, stride=s).view(
+        N, G, C // G, K * K, h, w
+    )
+    return (weight * cols).sum(dim=3).view(N, C, h, w)
+
+
+def test_param_count_and_official_names():
+    m = Involution(32, 3)
+    assert sum(p.numel() for p in m.parameters()) == 434
+    assert set(m.state_dict()) == {
+        "conv1.conv.weight",
+        "conv1.bn.weight",
+        "conv1.bn.bias",
+        "conv1.bn.running_mean",
+        "conv1.bn.running_var",
+        "conv1.bn.num_batches_tracked",
+        "conv2.conv.weight",
+        "conv2.conv.bias",
+    }
+
+
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"{REFERENCE} not found")
+def test_shapes_match_official_checkpoint():
+    keys = json.loads(REFERENCE.read_text())["mmcls_rednet50"]["keys"]
+    prefix = "backbone.layer1.0.conv2."
+    official = {k[len(prefix) :]: v for k, v in keys.items() if k.startswith(prefix)}
+    ours = {k: list(v.shape) for k, v in Involution(64, 7).state_dict().items()}
+    assert ours == official
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_even_sizes_match_official_computation(stride):
+    m = randomize(Involution(32, 7, stride=stride)).double().eval()
+    x = torch.randn(2, 32, 12, 10, dtype=torch.float64)
+    out = m(x)
+    assert out.shape == (2, 32, 12 // stride, 10 // stride)
+    torch.testing.assert_close(out, official_forward(m, x), rtol=1e-12, atol=1e-12)
+
+
+def test_odd_sizes_stride2_kernel_grid_equals_output_grid():
+    m = randomize(Involution(16, 3, stride=2, group_channels=8)).double().eval()
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    assert out.shape == (2, 16, 5, 6)  # ceil(9 / 2), ceil(11 / 2)
+    # Kernel of output pixel (i, j): generated from the mean of the input pixels of window
+    # [2i, 2i + 2) x [2j, 2j + 2) that exist (the last row/column has one pixel row/column).
+    pooled = torch.stack(
+        [
+            torch.stack(
+                [x[:, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean((2, 3)) for j in range(6)], -1
+            )
+            for i in range(5)
+        ],
+        -2,
+    )
+    weight = m.conv2.conv(F.relu(m.conv1.bn(m.conv1.conv(pooled)))).view(2, 2, 9, 5, 6)
+    cols = F.unfold(x, 3, padding=1, stride=2).view(2, 2, 8, 9, 5, 6)
+    expected = (cols * weight.unsqueeze(2)).sum(3).view(2, 16, 5, 6)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and m.conv1.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("norm", ["BN", "SyncBN", "FrozenBN", "GN", "FrozenStatsBN", ""])
+def test_norms_by_name(norm):
+    m = Involution(128, 3, norm=norm).eval()
+    x = torch.randn(2, 128, 6, 6)
+    assert m(x).shape == x.shape
+    if norm == "":
+        assert m.conv1.bn is None and m.conv1.conv.bias is not None
+
+
+def test_channels_last_input():
+    m = randomize(Involution(32, 5, stride=2)).eval()
+    x = torch.randn(2, 32, 10, 9)
+    expected = m(x)
+    m_cl = m.to(memory_format=torch.channels_last)
+    out = m_cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(channels=32, kernel_size=4), "kernel_size must be a positive odd int"),
+        (dict(channels=32, kernel_size=3, group_channels=5), r"divisible by group_channels \(5\)"),
+        (dict(channels=32, kernel_size=3, stride=0), "stride must be >= 1"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Involution(**kwargs)
+
+
+def test_flop_count_with_fvcore():
+    fvcore_nn = pytest.importorskip("fvcore.nn", reason="fvcore is not installed")
+    N, C, K, H, W = 2, 32, 7, 9, 11
+    m = Involution(C, K, stride=2).eval()
+    x = torch.randn(N, C, H, W)
+    plain = fvcore_nn.FlopCountAnalysis(m, (x,))
+    plain.unsupported_ops_warnings(False)
+    plain.total()
+    assert "d2_involution::involution" in plain.unsupported_ops()
+    analysis = add_involution_flop_handles(fvcore_nn.FlopCountAnalysis(m, (x,)))
+    analysis.unsupported_ops_warnings(False)
+    Ho, Wo = (H + 1) // 2, (W + 1) // 2
+    assert analysis.by_operator()["involution"] == N * K * K * C * Ho * Wo
