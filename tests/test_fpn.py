@@ -1,5 +1,8 @@
 """Conv and involution FPNs on RedNet: official neck sizes and tensors, builders, P6/P7, errors."""
 
+import d2_involution  # noqa: F401  (first: detectron2 compat + registrations)
+
+# isort: split
 import json
 import re
 from pathlib import Path
@@ -9,7 +12,6 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
-import d2_involution  # noqa: F401  (before detectron2: compat + registrations)
 from d2_involution import add_involution_config
 from d2_involution.layers import Involution
 from d2_involution.modeling import FPN, LastLevelP6P7, build_rednet, involution_output_block

@@ -1,5 +1,8 @@
 """InvolutionRPNHead, InvolutionMaskHead and UPerNetHead: structure, losses, end-to-end models."""
 
+import d2_involution  # noqa: F401  (first: detectron2 compat + registrations)
+
+# isort: split
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -12,7 +15,6 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-import d2_involution  # noqa: F401  (before detectron2: compat + registrations)
 from d2_involution import add_involution_config
 from d2_involution.layers import Involution
 from d2_involution.modeling import InvolutionMaskHead, InvolutionRPNHead, UPerNetHead
@@ -236,8 +238,8 @@ def test_upernet_from_config_in_semantic_segmentor():
     assert isinstance(head, UPerNetHead) and head.aux_loss_weight == pytest.approx(0.4)
     assert head.ignore_value == 255 and head.predictor.in_channels == 64
     batch = [
-        {"image": torch.rand(3, 61, 75) * 255, "sem_seg": torch.randint(0, 4, (61, 75))},
-        {"image": torch.rand(3, 40, 40) * 255, "sem_seg": torch.full((40, 40), 255)},
+        {"image": torch.rand(3, 45, 53) * 255, "sem_seg": torch.randint(0, 4, (45, 53))},
+        {"image": torch.rand(3, 32, 32) * 255, "sem_seg": torch.full((32, 32), 255)},
     ]
     model.train()
     losses = model(batch)
@@ -246,7 +248,7 @@ def test_upernet_from_config_in_semantic_segmentor():
     assert model.backbone.stem.conv1.conv.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
-        (out,) = model([{"image": torch.rand(3, 61, 75) * 255, "height": 30, "width": 37}])
+        (out,) = model([{"image": torch.rand(3, 45, 53) * 255, "height": 30, "width": 37}])
     assert out["sem_seg"].shape == (4, 30, 37)
 
 

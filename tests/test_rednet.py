@@ -1,5 +1,8 @@
 """RedNet backbone: official parameter counts and tensor names, freezing, norms, dilation."""
 
+import d2_involution  # noqa: F401  (first: detectron2 compat + registrations)
+
+# isort: split
 import json
 import re
 from collections import Counter
@@ -12,7 +15,6 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
 from torch import nn
 
-import d2_involution  # noqa: F401  (before detectron2: compat + registrations)
 from d2_involution import add_involution_config
 from d2_involution.layers import FrozenStatsBatchNorm2d, Involution
 from d2_involution.modeling import REDNET_DEPTHS, RedNet, RedNetBlock, build_rednet
