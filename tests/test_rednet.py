@@ -253,6 +253,7 @@ def test_build_rednet_backbone_from_config_odd_input():
     [
         ({"DEPTH": 42}, "depth"),
         ({"NORM": "NoSuchNorm"}, "norm"),
+        ({"NORM": "GN"}, "GN"),
         ({"OUT_FEATURES": ["res6"]}, "out_features"),
         ({"OUT_FEATURES": []}, "out_features"),
         ({"RES5_DILATION": 4}, "res5_dilation"),

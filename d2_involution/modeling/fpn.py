@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
+from detectron2.config import CfgNode
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
@@ -218,7 +219,7 @@ class FPN(Backbone):
         }
 
 
-def _output_block_from_cfg(cfg, involution: bool) -> OutputBlockFactory:
+def _output_block_from_cfg(cfg: CfgNode, involution: bool) -> OutputBlockFactory:
     if not involution:
         return conv_output_block(cfg.MODEL.FPN.NORM)
     inv = cfg.MODEL.INVOLUTION
@@ -227,7 +228,7 @@ def _output_block_from_cfg(cfg, involution: bool) -> OutputBlockFactory:
     )
 
 
-def _build_fpn(cfg, input_shape: ShapeSpec, involution: bool, retinanet: bool) -> FPN:
+def _build_fpn(cfg: CfgNode, input_shape: ShapeSpec, involution: bool, retinanet: bool) -> FPN:
     bottom_up = build_rednet_backbone(cfg, input_shape)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     if retinanet:
@@ -255,24 +256,24 @@ def _build_fpn(cfg, input_shape: ShapeSpec, involution: bool, retinanet: bool) -
 
 
 @BACKBONE_REGISTRY.register()
-def build_rednet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+def build_rednet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """RedNet + conv FPN + max-pool P6 (Faster/Mask R-CNN, semantic FPN)."""
     return _build_fpn(cfg, input_shape, involution=False, retinanet=False)
 
 
 @BACKBONE_REGISTRY.register()
-def build_rednet_involution_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+def build_rednet_involution_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """RedNet + involution FPN (the paper's "neck = involution") + max-pool P6."""
     return _build_fpn(cfg, input_shape, involution=True, retinanet=False)
 
 
 @BACKBONE_REGISTRY.register()
-def build_retinanet_rednet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+def build_retinanet_rednet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """RedNet + conv FPN (from ``MODEL.FPN.IN_FEATURES``, usually res3..res5) + P6/P7 from C5."""
     return _build_fpn(cfg, input_shape, involution=False, retinanet=True)
 
 
 @BACKBONE_REGISTRY.register()
-def build_retinanet_rednet_involution_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+def build_retinanet_rednet_involution_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """RedNet + involution FPN + P6/P7 from C5 (the official involution-neck RetinaNet)."""
     return _build_fpn(cfg, input_shape, involution=True, retinanet=True)

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
+from detectron2.config import CfgNode
 from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
@@ -69,28 +70,6 @@ def _apply_norm(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
 
 
-def _involution(
-    channels: int,
-    kernel_size: int,
-    stride: int,
-    dilation: int,
-    group_channels: int,
-    reduction_ratio: int,
-    norm: str,
-) -> Involution:
-    """The shared ``Involution`` layer; ``dilation`` is only passed on when it is not 1."""
-    kwargs = dict(
-        kernel_size=kernel_size,
-        stride=stride,
-        group_channels=group_channels,
-        reduction_ratio=reduction_ratio,
-        norm=norm,
-    )
-    if dilation != 1:
-        kwargs["dilation"] = dilation
-    return Involution(channels, **kwargs)
-
-
 class RedNetStem(CNNBlockBase):
     """The RedNet stem (stride 4): conv-s2, involution, conv, then a 3x3 s2 max-pool."""
 
@@ -109,8 +88,12 @@ class RedNetStem(CNNBlockBase):
             raise ValueError(f"RedNetStem: out_channels must be even, got {out_channels}")
         mid = out_channels // 2
         self.conv1 = ConvNormAct(in_channels, mid, 3, stride=2, padding=1, bias=False, norm=norm)
-        self.involution = _involution(
-            mid, involution_kernel, 1, 1, group_channels, reduction_ratio, norm
+        self.involution = Involution(
+            mid,
+            kernel_size=involution_kernel,
+            group_channels=group_channels,
+            reduction_ratio=reduction_ratio,
+            norm=norm,
         )
         self.bn = get_norm(norm, mid)
         self.conv2 = ConvNormAct(mid, out_channels, 3, stride=1, padding=1, bias=False, norm=norm)
@@ -142,14 +125,14 @@ class RedNetBlock(CNNBlockBase):
         super().__init__(in_channels, out_channels, stride)
         self.conv1 = nn.Conv2d(in_channels, bottleneck_channels, 1, bias=False)
         self.bn1 = get_norm(norm, bottleneck_channels)
-        self.conv2 = _involution(
+        self.conv2 = Involution(
             bottleneck_channels,
-            kernel_size,
-            stride,
-            dilation,
-            group_channels,
-            reduction_ratio,
-            norm,
+            kernel_size=kernel_size,
+            stride=stride,
+            group_channels=group_channels,
+            reduction_ratio=reduction_ratio,
+            norm=norm,
+            dilation=dilation,
         )
         self.bn2 = get_norm(norm, bottleneck_channels)
         self.conv3 = nn.Conv2d(bottleneck_channels, out_channels, 1, bias=False)
@@ -369,6 +352,11 @@ def build_rednet(
             f"{stem_out_channels} and {res2_out_channels}"
         )
     get_norm(norm, 64)  # fail early with a clear message on an unknown norm
+    if norm == "GN":
+        raise ValueError(
+            "RedNet: norm 'GN' (32 groups) does not fit the involution kernel generators, which "
+            "have 8..128 channels; use 'BN', 'SyncBN', 'FrozenBN' or 'FrozenStatsBN'"
+        )
     num_stages = max(allowed.index(f) for f in out_features)
     stem = RedNetStem(
         in_channels,
@@ -395,7 +383,7 @@ def build_rednet(
 
 
 @BACKBONE_REGISTRY.register()
-def build_rednet_backbone(cfg, input_shape: ShapeSpec) -> RedNet:
+def build_rednet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> RedNet:
     """RedNet from ``MODEL.REDNET``, ``MODEL.INVOLUTION`` and ``MODEL.BACKBONE.FREEZE_AT``."""
     r = cfg.MODEL.REDNET
     inv = cfg.MODEL.INVOLUTION
