@@ -422,6 +422,18 @@ def test_detectron2_checkpoint_is_rejected(tmp_path):
         convert_official_checkpoint(src, str(tmp_path / "out.pth"))
 
 
+def test_class_order_from_meta(tmp_path):
+    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+    coco = list(_get_builtin_metadata("coco")["thing_classes"])
+    sd = R.random_state_dict(R.official_layout("faster_rcnn", DEPTH, 80))
+    src = R.write_openmmlab(str(tmp_path / "a.pth"), sd, meta={"CLASSES": tuple(coco)})
+    assert "same order" in convert_official_checkpoint(src).class_order
+    swapped = [coco[1], coco[0]] + coco[2:]
+    src = R.write_openmmlab(str(tmp_path / "b.pth"), sd, meta={"CLASSES": tuple(swapped)})
+    assert "another order (index 0: 'bicycle'" in convert_official_checkpoint(src).class_order
+
+
 def test_command_line(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import convert_official_weights as tool

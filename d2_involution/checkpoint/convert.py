@@ -79,6 +79,7 @@ class ConversionReport:
     missing_in_checkpoint: List[str] = field(default_factory=list)
     dst: Optional[str] = None
     config_hint: Optional[str] = None
+    class_order: Optional[str] = None
 
     def summary(self) -> str:
         lines = [f"source: {self.source.describe()}", f"target: {self.target}"]
@@ -100,6 +101,8 @@ class ConversionReport:
                 f"({len(self.missing_in_checkpoint)}):"
             )
             lines.extend(f"  {k}" for k in self.missing_in_checkpoint)
+        if self.class_order:
+            lines.append(f"class order: {self.class_order}")
         if self.config_hint:
             lines.append(f"evaluate with: {self.config_hint}")
         if self.dst:
@@ -540,6 +543,7 @@ def convert_official_checkpoint(
         stem_kernel=stem_kernel,
         retinanet_num_scales=retinanet_num_scales,
     )
+    report.class_order = _check_class_order(meta, source, report.target)
     if cfg is not None:
         _check_against_config(cfg, source, out, report)
     report.config_hint = _config_hint(source, report.target)
@@ -551,6 +555,34 @@ def convert_official_checkpoint(
             save_detectron2_checkpoint(dst, out, matching_heuristics=False, extra=extra)
         report.dst = dst
     return report
+
+
+def _check_class_order(meta: Dict, source: OfficialSource, target: str) -> Optional[str]:
+    """Compare the checkpoint's ``meta["CLASSES"]`` (mmdet/mmseg save the dataset's class names)
+    with the Detectron2 dataset the eval configs use; the classifier heads are not compared."""
+    names = meta.get("CLASSES") if isinstance(meta, dict) else None
+    if target != "model" or not names or source.arch in ("classifier", "backbone"):
+        return None
+    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+    if source.framework == "mmseg":
+        dataset, ours = "cityscapes_fine_sem_seg_*", _get_builtin_metadata("cityscapes")
+        ours = ours["stuff_classes"]
+    else:
+        dataset, ours = "coco_2017_*", _get_builtin_metadata("coco")["thing_classes"]
+    names = [str(n) for n in names]
+    if names == list(ours):
+        return f"the checkpoint's {len(names)} classes are {dataset}'s, in the same order"
+    if len(names) != len(ours) or sorted(names) != sorted(ours):
+        return (
+            f"the checkpoint's {len(names)} classes are not {dataset}'s {len(ours)} (first: "
+            f"{names[:3]}); register your dataset with these names in this order"
+        )
+    i = next(i for i, (a, b) in enumerate(zip(names, ours)) if a != b)
+    return (
+        f"WARNING: same classes as {dataset} but in another order (index {i}: {names[i]!r} vs "
+        f"{ours[i]!r}); predictions' class ids follow the checkpoint's order"
+    )
 
 
 _EVAL_CONFIGS = {
