@@ -5,6 +5,7 @@ loaded with Detectron2's DetectionCheckpointer into the configs of configs/Offic
 stay fast), and compared with an independent functional model of the official networks.
 """
 
+import math
 import os
 import sys
 
@@ -344,6 +345,52 @@ def test_detect_source(kind, arch, neck, head):
     src = detect_source(R.random_state_dict(R.official_layout(kind, 38)))
     assert (src.arch, src.neck, src.head, src.depth) == (arch, neck, head, 38)
     assert src.stem_kernel == (3 if kind == "mmcls" else 7)
+
+
+# Params(M) column of the official README (d-li14/involution, "Model Zoo"). mmcv counts only
+# trainable parameters, so the detectors' frozen stem and layer1 (frozen_stages=1) are excluded.
+OFFICIAL_PARAMS_M = [
+    ("faster_rcnn", 31.6),
+    ("faster_rcnn_neck", 29.5),
+    ("faster_rcnn_neck_head", 29.0),
+    ("mask_rcnn", 34.2),
+    ("mask_rcnn_neck", 32.2),
+    ("mask_rcnn_neck_head", 29.5),
+    ("retinanet", 27.8),
+    ("retinanet_neck", 26.3),
+    ("fpn_seg", 18.5),
+    ("fpn_seg_neck", 16.4),
+    ("upernet", 56.4),
+]
+
+
+@pytest.mark.parametrize("kind,params_m", OFFICIAL_PARAMS_M)
+def test_written_layouts_have_the_official_parameter_counts(kind, params_m):
+    """The neck/head layouts written here (not in the JSON) reproduce the README's counts."""
+    layout = R.official_layout(
+        kind, 50, 19 if kind in ("fpn_seg", "fpn_seg_neck", "upernet") else 80
+    )
+    frozen = (
+        ("backbone.stem.", "backbone.layer1.")
+        if kind.startswith(("faster", "mask", "retina"))
+        else ()
+    )
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    count = sum(
+        math.prod(shape)
+        for k, shape in layout.items()
+        if not k.endswith(stats) and not (frozen and k.startswith(frozen))
+    )
+    # Ten of the eleven round to the printed value; the involution-neck RetinaNet counts 26.246M
+    # against a printed 26.3 (its key layout equals the conv-neck RetinaNet's up to the neck,
+    # which is the same as the R-CNN involution neck that matches).
+    assert abs(count / 1e6 - params_m) < 0.06
+
+
+def test_classifier_layout_matches_reference_json():
+    layout = R.official_layout("mmcls", 50)
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert sum(math.prod(s) for k, s in layout.items() if not k.endswith(stats)) == 15540806
 
 
 def test_official_rednet50_keys_detected():
