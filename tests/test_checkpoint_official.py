@@ -182,6 +182,14 @@ def test_mask_rcnn_involution_heads_same_function(tmp_path):
     rois = torch.randn(3, 256, 14, 14, generator=IMAGE)
     with torch.no_grad():
         assert_close(model.roi_heads.mask_head.layers(rois), R.mask_head_ref(w, rois), "mask head")
+    # The eval config feeds RGB normalised as OpenMMLab did, and the full inference path runs.
+    assert model.input_format == "RGB"
+    assert model.pixel_mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53])
+    assert model.pixel_std.flatten().tolist() == pytest.approx([58.395, 57.12, 57.375])
+    img = torch.randint(0, 256, (3, 80, 96), generator=IMAGE, dtype=torch.uint8)
+    with torch.no_grad():
+        out = model([{"image": img, "height": 80, "width": 96}])[0]["instances"]
+    assert out.image_size == (80, 96) and out.has("pred_masks")
 
 
 def test_mask_rcnn_conv_heads_same_function(tmp_path):
