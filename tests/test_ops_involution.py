@@ -75,12 +75,14 @@ def kwargs_of(cfg: dict) -> dict:
     return dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
 
 
-@pytest.fixture(params=["kernel", "fallback", "pytorch"])
+@pytest.fixture(params=["kernel-rows", "kernel-tiled", "fallback", "pytorch"])
 def path(request, monkeypatch):
-    """The C++ kernel (through the custom op), the op's fallback without it, involution_pytorch."""
-    if request.param == "kernel":
+    """The C++ kernels (both variants, through the custom op), the op's fallback without them, and
+    involution_pytorch."""
+    if request.param.startswith("kernel"):
         if not cpu_kernel.available():
             pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+        monkeypatch.setenv("D2INV_CPU_TILED", "1" if request.param == "kernel-tiled" else "0")
         return involution
     if request.param == "fallback":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
@@ -136,9 +138,11 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: involution_pytorch(a, b, **kwargs_of(cfg)), (x, w))
 
 
-def test_threads_do_not_change_results():
+@pytest.mark.parametrize("tiled", ["0", "1"])
+def test_threads_do_not_change_results(tiled, monkeypatch):
     if not cpu_kernel.available():
         pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+    monkeypatch.setenv("D2INV_CPU_TILED", tiled)
     cfg = dict(N=3, C=16, G=4, H=11, W=9, K=5, stride=2, padding=None, dilation=1)
     x, w = make_inputs(cfg, torch.float32)
     before = torch.get_num_threads()

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("involution_cpu.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+TILED_BELOW_WIDTH = 24
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -86,9 +87,10 @@ def _build() -> ctypes.CDLL:
     i64 = ctypes.c_int64
     for suffix in _SUFFIX.values():
         for name in ("forward", "grad_input", "grad_weight"):
-            fn = getattr(lib, f"d2i_{name}_{suffix}")
-            fn.argtypes = [ctypes.c_void_p] * 3 + [i64] * 12
-            fn.restype = None
+            for variant in ("", "_tiled"):
+                fn = getattr(lib, f"d2i_{name}{variant}_{suffix}")
+                fn.argtypes = [ctypes.c_void_p] * 3 + [i64] * 12
+                fn.restype = None
     return lib
 
 
@@ -127,13 +129,33 @@ def unavailable_reason() -> Optional[str]:
     return _reason
 
 
+def use_tiled(name: str, Wo: int, stride: int) -> bool:
+    """Whether kernel ``name`` runs its channel-tiled variant (else the row variant).
+
+    The row kernels vectorise along output rows: they win for grad-weight on long rows, but on
+    short rows (RedNet's 14x14 and 7x7 stages) their loop overhead dominates and the tiled kernels
+    (vectorised over a group's channels) win; the tiled forward won at every RedNet shape and the
+    tiled grad-input wherever rows are short or strided (docs/benchmarks.md).
+    ``D2INV_CPU_TILED=0/1`` forces one variant (for benchmarks).
+    """
+    forced = os.environ.get("D2INV_CPU_TILED")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if name == "forward":
+        return True
+    if name == "grad_input":
+        return Wo < TILED_BELOW_WIDTH or stride > 1
+    return Wo < TILED_BELOW_WIDTH
+
+
 def _call(name: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, sizes) -> torch.Tensor:
     lib = _load()
     if lib is None:
         raise RuntimeError(f"d2_involution CPU kernel unavailable: {_reason}")
     if out.numel() == 0 or a.numel() == 0 or b.numel() == 0:
         return out.zero_()
-    fn = getattr(lib, f"d2i_{name}_{_SUFFIX[a.dtype]}")
+    variant = "_tiled" if use_tiled(name, sizes[6], sizes[8]) else ""
+    fn = getattr(lib, f"d2i_{name}{variant}_{_SUFFIX[a.dtype]}")
     fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), *sizes, torch.get_num_threads())
     return out
 

@@ -4,11 +4,13 @@
 // ctypes (plain C entry points, raw pointers, no PyTorch headers: compiles in about a second).
 // Every tensor is contiguous: x (N, C, H, W), weight (N, G, K, K, Ho, Wo), out (N, C, Ho, Wo).
 //
-// Design: one task per output plane, so tasks never write the same memory (no atomics, results do
-// not depend on the thread count). The innermost loop runs along a row of the output with unit
-// stride in the output and the weight (and in x when stride == 1), so the compiler vectorises it;
-// the plane being accumulated stays in L1/L2. Nothing of size K*K times the input is allocated:
-// the only extra memory is the output itself.
+// Two variants of each kernel; cpu_kernel.use_tiled picks one per call (measured, see there).
+// Both: tasks never write the same memory (no atomics; results do not depend on the thread
+// count), and nothing of size K*K times the input is allocated: the only extra memory is the
+// output itself plus, for the tiled variant, a per-thread tile of one channel group.
+// Row variant: one task per plane; the innermost loop runs along a row of the output with unit
+// stride in the output and the weight (and in x when stride == 1), so the compiler vectorises it,
+// and the plane being accumulated stays in L1/L2.
 //   forward:     task (n, c): out[n, c]     += w[n, g(c), u, v] * shifted x[n, c]   over u, v
 //   grad-input:  task (n, c): gx[n, c]      += w[n, g(c), u, v] * go[n, c] scattered back to x
 //   grad-weight: task (n, g): gw[n, g, u, v] = sum over c in g of go[n, c] * shifted x[n, c]
@@ -141,6 +143,103 @@ void grad_weight(const T* go, const T* x, T* gw, const Geometry& g, int64_t nthr
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Channel-tiled variants, for small planes (short rows make the row loops above overhead-bound).
+// One task per (n, group): the group's channels are transposed into a per-thread (H, W, C/G)
+// scratch tile (a few KiB to a few hundred KiB), so that for each output pixel and tap the K*K
+// weight is broadcast over a contiguous run of C/G channels, as the CUDA kernels do.
+
+// dst[p * cpg + c] = src[c * plane + p]
+template <typename T>
+inline void to_channels_last(const T* __restrict__ src, T* __restrict__ dst, int64_t cpg,
+                             int64_t plane) {
+  for (int64_t c = 0; c < cpg; ++c)
+    for (int64_t p = 0; p < plane; ++p) dst[p * cpg + c] = src[c * plane + p];
+}
+
+// Calls tap(pixel, k, y * W + x) for every output pixel and every tap k whose input (y, x) exists.
+template <typename Tap>
+inline void for_each_pixel_tap(const Geometry& g, const Tap& tap) {
+  for (int64_t i = 0; i < g.Ho; ++i) {
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      const int64_t pix = i * g.Wo + j;
+      for (int64_t u = 0; u < g.K; ++u) {
+        const int64_t y = i * g.stride + u * g.dil - g.pad;
+        if (y < 0 || y >= g.H) continue;
+        for (int64_t v = 0; v < g.K; ++v) {
+          const int64_t x = j * g.stride + v * g.dil - g.pad;
+          if (x < 0 || x >= g.W) continue;
+          tap(pix, u * g.K + v, y * g.W + x);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_tiled(const T* x, const T* w, T* out, const Geometry& g, int64_t nthreads) {
+  const int64_t plane_in = g.H * g.W, plane_out = g.Ho * g.Wo, cpg = g.C / g.G;
+  parallel_for(g.N * g.G, nthreads, [&](int64_t ng) {
+    std::vector<T> xt(plane_in * cpg), acc(plane_out * cpg, T(0));
+    const T* __restrict__ wp = w + ng * g.K * g.K * plane_out;
+    to_channels_last(x + ng * cpg * plane_in, xt.data(), cpg, plane_in);
+    T* __restrict__ a = acc.data();
+    const T* __restrict__ xs = xt.data();
+    for_each_pixel_tap(g, [&](int64_t pix, int64_t k, int64_t src) {
+      const T wv = wp[k * plane_out + pix];
+      T* __restrict__ ap = a + pix * cpg;
+      const T* __restrict__ xp = xs + src * cpg;
+      for (int64_t c = 0; c < cpg; ++c) ap[c] += wv * xp[c];
+    });
+    T* __restrict__ op = out + ng * cpg * plane_out;
+    for (int64_t c = 0; c < cpg; ++c)
+      for (int64_t p = 0; p < plane_out; ++p) op[c * plane_out + p] = a[p * cpg + c];
+  });
+}
+
+template <typename T>
+void grad_input_tiled(const T* go, const T* w, T* gx, const Geometry& g, int64_t nthreads) {
+  const int64_t plane_in = g.H * g.W, plane_out = g.Ho * g.Wo, cpg = g.C / g.G;
+  parallel_for(g.N * g.G, nthreads, [&](int64_t ng) {
+    std::vector<T> got(plane_out * cpg), acc(plane_in * cpg, T(0));
+    const T* __restrict__ wp = w + ng * g.K * g.K * plane_out;
+    to_channels_last(go + ng * cpg * plane_out, got.data(), cpg, plane_out);
+    T* __restrict__ a = acc.data();
+    const T* __restrict__ gs = got.data();
+    for_each_pixel_tap(g, [&](int64_t pix, int64_t k, int64_t src) {
+      const T wv = wp[k * plane_out + pix];
+      T* __restrict__ ap = a + src * cpg;
+      const T* __restrict__ gp = gs + pix * cpg;
+      for (int64_t c = 0; c < cpg; ++c) ap[c] += wv * gp[c];
+    });
+    T* __restrict__ xp = gx + ng * cpg * plane_in;
+    for (int64_t c = 0; c < cpg; ++c)
+      for (int64_t p = 0; p < plane_in; ++p) xp[c * plane_in + p] = a[p * cpg + c];
+  });
+}
+
+template <typename T>
+void grad_weight_tiled(const T* go, const T* x, T* gw, const Geometry& g, int64_t nthreads) {
+  const int64_t plane_in = g.H * g.W, plane_out = g.Ho * g.Wo, cpg = g.C / g.G;
+  const int64_t kplane = g.K * g.K * plane_out;
+  parallel_for(g.N * g.G, nthreads, [&](int64_t ng) {
+    std::vector<T> xt(plane_in * cpg), got(plane_out * cpg);
+    to_channels_last(x + ng * cpg * plane_in, xt.data(), cpg, plane_in);
+    to_channels_last(go + ng * cpg * plane_out, got.data(), cpg, plane_out);
+    T* __restrict__ wp = gw + ng * kplane;
+    std::fill(wp, wp + kplane, T(0));
+    const T* __restrict__ xs = xt.data();
+    const T* __restrict__ gs = got.data();
+    for_each_pixel_tap(g, [&](int64_t pix, int64_t k, int64_t src) {
+      const T* __restrict__ gp = gs + pix * cpg;
+      const T* __restrict__ xp = xs + src * cpg;
+      T s = T(0);
+      for (int64_t c = 0; c < cpg; ++c) s += gp[c] * xp[c];
+      wp[k * plane_out + pix] = s;
+    });
+  });
+}
+
 }  // namespace
 
 #define D2I_SIZES                                                                             \
@@ -157,6 +256,15 @@ void grad_weight(const T* go, const T* x, T* gw, const Geometry& g, int64_t nthr
   }                                                                                         \
   extern "C" void d2i_grad_weight_##SUFFIX(const T* go, const T* x, T* gw, D2I_SIZES) {    \
     grad_weight<T>(go, x, gw, D2I_GEOMETRY, nthreads);                                      \
+  }                                                                                         \
+  extern "C" void d2i_forward_tiled_##SUFFIX(const T* x, const T* w, T* out, D2I_SIZES) {  \
+    forward_tiled<T>(x, w, out, D2I_GEOMETRY, nthreads);                                    \
+  }                                                                                         \
+  extern "C" void d2i_grad_input_tiled_##SUFFIX(const T* go, const T* w, T* gx, D2I_SIZES) { \
+    grad_input_tiled<T>(go, w, gx, D2I_GEOMETRY, nthreads);                                 \
+  }                                                                                         \
+  extern "C" void d2i_grad_weight_tiled_##SUFFIX(const T* go, const T* x, T* gw, D2I_SIZES) { \
+    grad_weight_tiled<T>(go, x, gw, D2I_GEOMETRY, nthreads);                                \
   }
 
 D2I_ENTRY_POINTS(float, f32)
