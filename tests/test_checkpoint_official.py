@@ -210,7 +210,7 @@ def test_retinanet_anchor_permutation(tmp_path):
         tmp_path, "retinanet_neck", "retinanet_rednet50_involution_fpn_1x.yaml"
     )
     assert any("permuted" in t for t in report.transforms)
-    x = image(128, 128)
+    x = image(64, 64)
     with torch.no_grad():
         feats = model.backbone(x)
         levels = [feats[f] for f in model.head_in_features]
@@ -466,8 +466,26 @@ def test_pdparams_refuses_foreign_objects(tmp_path):
 
     src = tmp_path / "evil.pdparams"
     src.write_bytes(pickle.dumps({"stem.0.conv.weight": os.getcwd}, protocol=2))
-    with pytest.raises(ValueError, match="refusing to load"):
+    with pytest.raises(ValueError, match="not loaded for safety"):
         read_official_file(str(src))
+
+
+class _Opaque:
+    pass
+
+
+def test_numpy_metadata_is_read_but_arbitrary_objects_are_not(tmp_path):
+    import numpy as np
+
+    sd = R.random_state_dict(R.official_layout("mmcls", DEPTH))
+    src = str(tmp_path / "np_meta.pth")
+    torch.save({"meta": {"epoch": np.int64(130), "lr": np.float32(0.8)}, "state_dict": sd}, src)
+    assert convert_official_checkpoint(src).source.depth == DEPTH
+    src = str(tmp_path / "obj_meta.pth")
+    torch.save({"meta": {"hook": _Opaque()}, "state_dict": sd}, src)
+    with pytest.raises(ValueError, match="not loaded for safety"):
+        convert_official_checkpoint(src, str(tmp_path / "out.pth"))
+    assert _no_file(str(tmp_path / "out.pth"))
 
 
 def test_detectron2_checkpoint_is_rejected(tmp_path):

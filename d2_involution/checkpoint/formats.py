@@ -111,7 +111,10 @@ def read_official_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
             f"checkpoint: {path!r} is not a checkpoint (expected a torch .pth zip/pickle or a "
             f"pickled .pdparams, the file starts with {data[:16]!r})"
         )
-    obj = _unpickle(path, data)
+    try:
+        obj = _unpickle(path, data)
+    except _NotOnlyTensors as e:
+        raise ValueError(f"checkpoint: {path!r}: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError(
             f"checkpoint: {path!r} holds a {type(obj).__name__}, expected a dict "
@@ -170,6 +173,36 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not an array or a dict)")
 
 
+class _NotOnlyTensors(ValueError):
+    pass
+
+
+def _numpy_globals() -> list:
+    """numpy objects OpenMMLab metadata may hold (scalars, dtypes, arrays)."""
+    core = getattr(np, "_core", None) or np.core
+    found = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    found += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
+    return found
+
+
+def _torch_load(data: bytes) -> Any:
+    """``torch.load`` that only unpickles tensors, containers, strings, numbers and numpy data
+    (never arbitrary objects: a checkpoint is a pickle)."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        if "weights_only" not in str(first) and "Weights only" not in str(first):
+            raise
+        try:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise _NotOnlyTensors(
+                "the file holds Python objects other than tensors, containers and numpy data, "
+                f"which are not loaded for safety ({str(e).splitlines()[0]})"
+            ) from None
+
+
 def _unpickle(path: str, data: bytes) -> Any:
     problem = None
     if data.startswith(b"PK\x03\x04"):
@@ -182,7 +215,9 @@ def _unpickle(path: str, data: bytes) -> Any:
             problem = f"broken zip container ({e})"
         if problem is None:
             try:
-                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                return _torch_load(data)
+            except _NotOnlyTensors:
+                raise
             except Exception as e:  # noqa: B902  torch raises many types for bad files
                 problem = f"{type(e).__name__}: {e}"
     else:
@@ -193,7 +228,9 @@ def _unpickle(path: str, data: bytes) -> Any:
         if isinstance(obj, dict):
             return obj
         try:  # legacy (non-zip) torch.save files start with a pickled magic number
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return _torch_load(data)
+        except _NotOnlyTensors:
+            raise
         except Exception as e:  # noqa: B902
             problem = problem or f"{type(e).__name__}: {e}"
     raise ValueError(
