@@ -23,17 +23,13 @@ from torch.nn import functional as F
 Tensor = torch.Tensor
 StateDict = Dict[str, Tensor]
 
-KEYS_JSON = os.environ.get(
-    "D2INV_OFFICIAL_KEYS",
-    os.path.join(
-        os.path.dirname(os.path.abspath(__file__)),
-        "..",
-        "..",
-        "shared",
-        "reference",
-        "official_rednet_keys.json",
-    ),
-)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+KEYS_JSON_CANDIDATES = [
+    os.environ.get("D2INV_OFFICIAL_KEYS", ""),
+    os.path.join(_HERE, "..", "shared", "reference", "official_rednet_keys.json"),
+    "/work/shared/reference/official_rednet_keys.json",
+]
+KEYS_JSON = next((p for p in KEYS_JSON_CANDIDATES if p and os.path.exists(p)), None)
 STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_BLOCKS[152] = (3, 8, 36, 3)
 BN_EPS = 1e-5
@@ -41,10 +37,11 @@ BN_EPS = 1e-5
 
 def official_keys(name: str) -> Dict[str, List[int]]:
     """Keys -> shapes of one entry of official_rednet_keys.json (e.g. ``mmcls_rednet26``)."""
-    path = KEYS_JSON
-    if not os.path.exists(path):
-        path = "/work/shared/reference/official_rednet_keys.json"
-    with open(path) as f:
+    if KEYS_JSON is None:
+        raise FileNotFoundError(
+            "official_rednet_keys.json not found; looked in " + ", ".join(KEYS_JSON_CANDIDATES[1:])
+        )
+    with open(KEYS_JSON) as f:
         return json.load(f)[name]["keys"]
 
 

@@ -27,6 +27,12 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
+if R.KEYS_JSON is None:
+    pytest.skip(
+        "shared/reference/official_rednet_keys.json (the official key/shape list) is not available",
+        allow_module_level=True,
+    )
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
 DEPTH = 26
@@ -327,6 +333,11 @@ def test_classifier_backbone_loads_into_detector_except_stem_kernel(tmp_path):
         "stem.involution.conv2.conv.weight",
     ]
     assert fit.unused == []
+    # Asking for the detectors' 7x7 stem leaves the 3x3 kernel generator out of the file.
+    dst7 = str(tmp_path / "backbone7.pth")
+    report7 = convert_official_checkpoint(src, dst7, stem_kernel=7)
+    assert len(report7.shape_mismatch) == 2 and "left out" in report7.shape_mismatch[0]
+    assert "stem.involution.conv2.conv.weight" not in torch.load(dst7)["model"]
     got = model.backbone.bottom_up.state_dict()
     assert torch.equal(
         got["res4.1.conv2.conv1.conv.weight"], sd["backbone.layer3.1.conv2.conv1.conv.weight"]
