@@ -21,6 +21,7 @@ How PyTorch sees it:
 """
 
 import contextlib
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -311,11 +312,31 @@ def _grad_weight_op(
     return _grad_weight_default(grad_out, x, groups, kernel_size, stride, padding, dilation)
 
 
+_warned_no_cuda_kernels = False
+
+
+def _cuda_kernels_usable(cuda_kernel) -> bool:
+    """True when the CuPy kernels can run; else warns once (the pure-PyTorch path is used)."""
+    global _warned_no_cuda_kernels
+    if cuda_kernel.available():
+        return True
+    if not _warned_no_cuda_kernels:
+        _warned_no_cuda_kernels = True
+        warnings.warn(
+            "d2_involution: the CUDA involution kernels are unavailable "
+            f"({cuda_kernel.unavailable_reason()}); using the slower pure-PyTorch path. "
+            "Install CuPy for your CUDA version (e.g. pip install cupy-cuda12x).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return False
+
+
 @_involution_op.register_kernel("cuda")
 def _involution_cuda(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
     from . import cuda_kernel
 
-    if not cuda_kernel.available():
+    if not _cuda_kernels_usable(cuda_kernel):
         return involution_pytorch(x, weight, stride, padding, dilation)
     return cuda_kernel.forward(x, weight, stride, padding, dilation)
 
@@ -332,7 +353,7 @@ def _grad_input_cuda(
 ) -> Tensor:
     from . import cuda_kernel
 
-    if not cuda_kernel.available():
+    if not _cuda_kernels_usable(cuda_kernel):
         return _pytorch_grad_input(grad_out, weight, height, width, stride, padding, dilation)
     return cuda_kernel.grad_input(grad_out, weight, height, width, stride, padding, dilation)
 
@@ -349,7 +370,7 @@ def _grad_weight_cuda(
 ) -> Tensor:
     from . import cuda_kernel
 
-    if not cuda_kernel.available():
+    if not _cuda_kernels_usable(cuda_kernel):
         return _pytorch_grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
     return cuda_kernel.grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
 
