@@ -24,12 +24,18 @@ Tensor = torch.Tensor
 StateDict = Dict[str, Tensor]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+# The project's shared/ folder sits beside the checkout (CI: ``../shared``) or inside it.
 KEYS_JSON_CANDIDATES = [
     os.environ.get("D2INV_OFFICIAL_KEYS", ""),
+    os.path.join(_HERE, "..", "..", "shared", "reference", "official_rednet_keys.json"),
     os.path.join(_HERE, "..", "shared", "reference", "official_rednet_keys.json"),
-    "/work/shared/reference/official_rednet_keys.json",
 ]
 KEYS_JSON = next((p for p in KEYS_JSON_CANDIDATES if p and os.path.exists(p)), None)
+if KEYS_JSON is None and os.environ.get("CI"):
+    raise FileNotFoundError(
+        "CI must run the official-layout tests: official_rednet_keys.json not found in "
+        + ", ".join(p for p in KEYS_JSON_CANDIDATES if p)
+    )
 STAGE_BLOCKS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_BLOCKS[152] = (3, 8, 36, 3)
 BN_EPS = 1e-5

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import official_reference  # tests/ is on sys.path under pytest
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -16,11 +17,7 @@ from d2_involution import add_involution_config
 from d2_involution.layers import Involution
 from d2_involution.modeling import FPN, LastLevelP6P7, build_rednet, involution_output_block
 
-REFERENCE = (
-    Path(__file__).resolve().parents[1] / "shared" / "reference" / "official_rednet_keys.json"
-)
-if not REFERENCE.exists():
-    REFERENCE = Path("/work/shared/reference/official_rednet_keys.json")
+REFERENCE = Path(official_reference.KEYS_JSON or "official_rednet_keys.json")
 
 ALL_STAGES = ["res2", "res3", "res4", "res5"]
 

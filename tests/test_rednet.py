@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import official_reference  # tests/ is on sys.path under pytest
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -19,11 +20,7 @@ from d2_involution import add_involution_config
 from d2_involution.layers import FrozenStatsBatchNorm2d, Involution
 from d2_involution.modeling import REDNET_DEPTHS, RedNet, RedNetBlock, build_rednet
 
-REFERENCE = (
-    Path(__file__).resolve().parents[1] / "shared" / "reference" / "official_rednet_keys.json"
-)
-if not REFERENCE.exists():
-    REFERENCE = Path("/work/shared/reference/official_rednet_keys.json")
+REFERENCE = Path(official_reference.KEYS_JSON or "official_rednet_keys.json")
 
 OFFICIAL_PARAMS_WITH_FC = {
     26: 9_233_166,
