@@ -102,6 +102,21 @@ def test_odd_sizes_stride2_kernel_grid_equals_output_grid():
     assert x.grad.shape == x.shape and m.conv1.conv.weight.grad is not None
 
 
+def test_compiled_pooling_matches_ceil_mode_avgpool(monkeypatch):
+    """The pooling used under torch.compile (pytorch/pytorch#198119 workaround) equals
+    AvgPool2d(ceil_mode=True) in value and gradient on odd sizes."""
+    m = randomize(Involution(16, 3, stride=2, group_channels=8)).double().eval()
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    grads = torch.autograd.grad(out.square().sum(), (x, m.conv1.conv.weight))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out_c = m(x)
+    grads_c = torch.autograd.grad(out_c.square().sum(), (x, m.conv1.conv.weight))
+    torch.testing.assert_close(out_c, out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", ["BN", "SyncBN", "FrozenBN", "GN", "FrozenStatsBN", ""])
 def test_norms_by_name(norm):
     m = Involution(128, 3, norm=norm).eval()

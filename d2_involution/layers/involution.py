@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..ops import involution
 from .norm import get_norm
@@ -99,12 +100,26 @@ class Involution(nn.Module):
             raise ValueError(
                 f"Involution: expected input (N, {self.channels}, H, W), got {tuple(x.shape)}"
             )
-        weight = self.conv2(self.conv1(self.avgpool(x)))
+        weight = self.conv2(self.conv1(self._pool(x)))
         N, _, Ho, Wo = weight.shape
         K = self.kernel_size
         # reshape, not view: under channels_last the generated kernels are not NCHW-contiguous.
         weight = weight.reshape(N, self.groups, K, K, Ho, Wo)
         return involution(x, weight, stride=self.stride, dilation=self.dilation)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.avgpool`` (ceil_mode). Under torch.compile, for sizes not divisible by the
+        stride, the same average is computed with floor-mode pooling of a zero-padded input
+        divided by the windows' real sizes: Inductor's avg_pool2d backward divides the windows
+        that ceil_mode lets overhang by the full window size (pytorch/pytorch#198119), which would
+        give silently wrong gradients."""
+        s = self.stride
+        H, W = x.shape[-2:]
+        if s == 1 or not torch.compiler.is_compiling() or (H % s == 0 and W % s == 0):
+            return self.avgpool(x)
+        pad = (0, (s - W % s) % s, 0, (s - H % s) % s)
+        ones = x.new_ones((1, 1, H, W))
+        return F.avg_pool2d(F.pad(x, pad), s, s) / F.avg_pool2d(F.pad(ones, pad), s, s)
 
     def extra_repr(self) -> str:
         return (
