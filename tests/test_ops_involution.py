@@ -207,6 +207,15 @@ def test_torch_compile(backend):
         torch.testing.assert_close(a, b)
 
 
+def test_torch_export_keeps_one_custom_op_node():
+    model = _TinyInvolutionNet(stride=2).eval()
+    x = torch.randn(2, 8, 9, 9)
+    exported = torch.export.export(model, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count(OP.involution.default) == 1
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
 def test_jit_trace_records_custom_op_by_default():
     model = _TinyInvolutionNet().eval()
     x = torch.randn(2, 8, 7, 7)
