@@ -1,7 +1,7 @@
 // CPU involution kernels (forward, grad-input, grad-weight), float and double.
 //
 // Built on first use by d2_involution/ops/cpu_kernel.py with the system C++ compiler and loaded with
-// ctypes (plain C entry points, raw pointers, no PyTorch headers: compiles in about a second).
+// ctypes (plain C entry points, raw pointers, no PyTorch headers: needs only a C++ compiler).
 // Every tensor is contiguous: x (N, C, H, W), weight (N, G, K, K, Ho, Wo), out (N, C, Ho, Wo).
 //
 // Two variants of each kernel; cpu_kernel.use_tiled picks one per call (measured, see there).
