@@ -2,11 +2,11 @@
 
 The source has plain C entry points and no PyTorch headers, so it is compiled with the system C++
 compiler alone (11 s measured on a loaded 2-core machine, once per machine) and loaded with ctypes;
-``torch.utils.cpp_extension.load`` would also need ninja and PyTorch's C++ headers. The library is cached under
-``$D2INV_CACHE_DIR`` (default ``~/.cache/d2_involution``), keyed by the source, the flags and the
-CPU, so a cache shared between machines never runs code built for another CPU. Without a compiler
-(or with ``D2INV_CPU_KERNEL=0``) :func:`available` is False and the op falls back to its
-pure-PyTorch path, after one warning saying why.
+``torch.utils.cpp_extension.load`` would also need ninja and PyTorch's C++ headers. The library is
+cached under ``$D2INV_CACHE_DIR`` (default ``~/.cache/d2_involution``), keyed by the source, the
+flags and the CPU, so a cache shared between machines never runs code built for another CPU.
+Without a compiler (or with ``D2INV_CPU_KERNEL=0``) :func:`available` is False and the op falls
+back to its pure-PyTorch path, after one warning saying why.
 """
 
 import ctypes
