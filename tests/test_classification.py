@@ -31,6 +31,7 @@ from d2_involution.classification import (
 from d2_involution.classification.data import (
     ImageFolderClassification,
     ResumableTrainingSampler,
+    ResumableTrainLoader,
     resolve_dataset_root,
 )
 
@@ -123,8 +124,9 @@ def test_classifier_has_official_parameter_count(depth):
     assert model.backbone.stem.involution.conv2.conv.weight.shape[0] == 9 * 2  # 3x3, G = 32/16
 
 
-def test_classifier_forward_modes():
-    model = RedNetClassifier(26, 3, label_smoothing=0.1).eval()
+@pytest.mark.parametrize("norm", ["BN", "SyncBN"])
+def test_classifier_forward_modes(norm):
+    model = RedNetClassifier(26, 3, norm=norm, label_smoothing=0.1).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     logits = model({"image": images, "label": torch.tensor([0, 2])})
     assert logits.shape == (2, 3)
@@ -214,6 +216,19 @@ def test_dataset_skips_unreadable_images(tmp_path):
     assert torch.equal(ds[(0, 5)]["image"], sample["image"])  # augmentation fixed by the seed
     with pytest.raises(ValueError, match="does not exist"):
         ImageFolderClassification(str(data), "test", is_train=False)
+
+    # The batches do not depend on the number of loading workers; the corrupt file is counted.
+    order = iter(ResumableTrainingSampler(len(ds), seed=1))
+    expected_skips = sum(next(order)[0] == corrupt[0] for _ in range(20))
+    assert expected_skips >= 2  # 20 samples cover two full epochs of 9
+    batches = []
+    for workers in (0, 2):
+        loader = ResumableTrainLoader(ds, 4, seed=1, num_workers=workers)
+        stream = iter(loader)
+        batches.append([next(stream) for _ in range(5)])
+        assert loader.num_skipped == expected_skips
+    for a, b in zip(*batches):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     with pytest.raises(ValueError, match="DATASETS.CLS.ROOT"):
         resolve_dataset_root(str(tmp_path / "missing"))
 
