@@ -324,7 +324,9 @@ def build_cls_test_loader(cfg: CfgNode) -> DataLoader:
     """The validation loader of this process: each rank gets a contiguous share of the images."""
     root = resolve_dataset_root(cfg.DATASETS.CLS.ROOT)
     c = cfg.INPUT.CLS
-    train_classes = _list_classes(os.path.join(root, cfg.DATASETS.CLS.TRAIN_SPLIT))
+    # Labels follow the training split's classes; a folder with only a val split uses its own.
+    train_dir = os.path.join(root, cfg.DATASETS.CLS.TRAIN_SPLIT)
+    train_classes = _list_classes(train_dir) if os.path.isdir(train_dir) else None
     dataset = ImageFolderClassification(
         root,
         cfg.DATASETS.CLS.VAL_SPLIT,
