@@ -29,7 +29,7 @@ __all__ = ["available", "unavailable_reason", "forward", "grad_input", "grad_wei
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("involution_cpu.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 TILED_BELOW_WIDTH = 24
 

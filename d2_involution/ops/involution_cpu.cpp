@@ -234,6 +234,9 @@ void grad_weight_tiled(const T* go, const T* x, T* gw, const Geometry& g, int64_
       const T* __restrict__ gp = gs + pix * cpg;
       const T* __restrict__ xp = xs + src * cpg;
       T s = T(0);
+      // A vectorised reduction (-fopenmp-simd: no OpenMP runtime); its order is fixed at compile
+      // time, so results stay independent of the thread count.
+#pragma omp simd reduction(+ : s)
       for (int64_t c = 0; c < cpg; ++c) s += gp[c] * xp[c];
       wp[k * plane_out + pix] = s;
     });
