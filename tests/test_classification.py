@@ -7,7 +7,10 @@ iteration-20 checkpoint of that run.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +275,25 @@ def test_eval_only_reproduces_final_accuracy(runs, tmp_path):
     opts = _opts(runs["data"], tmp_path / "eval") + ["MODEL.WEIGHTS", str(weights)]
     results = _run(["--eval-only"] + opts)
     assert results == runs["full_results"]
+
+
+def test_tool_entry_point_evaluates(runs, tmp_path):
+    """tools/train_cls.py (argument parsing + launch) in a fresh process."""
+    weights = runs["full"] / "model_final.pth"
+    argv = (
+        ["--eval-only"] + _opts(runs["data"], tmp_path / "tool") + ["MODEL.WEIGHTS", str(weights)]
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_cls.py")] + argv,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    top1 = runs["full_results"]["classification"]["top1"]
+    assert f"copypaste: {top1:.4f}," in proc.stdout
 
 
 def _faster_rcnn(depth: int = 26):
