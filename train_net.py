@@ -70,7 +70,9 @@ def main(args):
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # The final evaluation's results (DefaultTrainer keeps them; None without a test set).
+    return getattr(trainer, "_last_eval_results", None)
 
 
 if __name__ == "__main__":
