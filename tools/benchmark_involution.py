@@ -170,6 +170,38 @@ def _measure_rss(spec: str) -> None:
     print((_peak_rss_kib() - before) / 1024)
 
 
+def compare_cpu_variants(shapes: List[str], batch: int, repeats: int) -> None:
+    """Row vs channel-tiled C++ kernels (``D2INV_CPU_TILED``), interleaved run by run so that the
+    load of a shared machine hits both alike; prints a markdown table of median ms."""
+    from d2_involution.ops import cpu_kernel
+
+    print("| shape (C@HxW, stride) | kernel | rows ms | tiled ms | picked |")
+    print("|---|---|---:|---:|---|")
+    for shape in shapes:
+        C, H, s = SHAPES[shape]
+        x, w, go, s = make_inputs(shape, batch, torch.float32, "cpu", False)
+        G, Wo = w.shape[1], w.shape[5]
+        p = (K - 1) // 2
+        calls = {
+            "forward": lambda: cpu_kernel.forward(x, w, s, p, 1),
+            "grad_input": lambda: cpu_kernel.grad_input(go, w, H, H, s, p, 1),
+            "grad_weight": lambda: cpu_kernel.grad_weight(go, x, G, K, s, p, 1),
+        }
+        for name, call in calls.items():
+            picked = "tiled" if cpu_kernel.use_tiled(name, Wo, s) else "rows"
+            times = {"0": [], "1": []}
+            for _ in range(repeats):
+                for variant in ("0", "1"):
+                    os.environ["D2INV_CPU_TILED"] = variant
+                    t0 = time.perf_counter()
+                    call()
+                    times[variant].append((time.perf_counter() - t0) * 1e3)
+            os.environ.pop("D2INV_CPU_TILED")
+            rows, tiled = (statistics.median(times[v]) for v in ("0", "1"))
+            print(f"| {shape} ({C}@{H}x{H}, s{s}) | {name} | {rows:.1f} | {tiled:.1f} | {picked} |")
+            sys.stdout.flush()
+
+
 def bytes_moved(shape: str, batch: int, elem: int) -> Tuple[int, int]:
     """Compulsory bytes of the forward and of forward+backward (each tensor read/written once)."""
     C, H, s = SHAPES[shape]
@@ -224,6 +256,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 5 on CPU, 50 on CUDA")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
+    parser.add_argument(
+        "--cpu-variants", action="store_true", help="compare the row and tiled C++ kernels only"
+    )
     parser.add_argument("--_measure_rss", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._measure_rss:
@@ -243,6 +278,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     print(f"Device: {describe_machine(args.device)}")
     print(f"Command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    if args.cpu_variants:
+        print(f"Batch {batch}, K={K}; median of {repeats} interleaved runs.\n")
+        compare_cpu_variants(shapes, batch, repeats)
+        return
     print(f"Batch {batch}, K={K}, group_channels={GROUP_CHANNELS}; median of {repeats} runs.")
     if bandwidth:
         print(f"Measured copy bandwidth: {bandwidth:.0f} GB/s (used for the floor rows)")

@@ -32,6 +32,7 @@ _SOURCE = Path(__file__).with_name("involution_cpu.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 TILED_BELOW_WIDTH = 24
+TILED_GRAD_INPUT_BELOW_WIDTH = 40
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -132,19 +133,17 @@ def unavailable_reason() -> Optional[str]:
 def use_tiled(name: str, Wo: int, stride: int) -> bool:
     """Whether kernel ``name`` runs its channel-tiled variant (else the row variant).
 
-    The row kernels vectorise along output rows: they win for grad-weight on long rows, but on
-    short rows (RedNet's 14x14 and 7x7 stages) their loop overhead dominates and the tiled kernels
-    (vectorised over a group's channels) win; the tiled forward won at every RedNet shape and the
-    tiled grad-input wherever rows are short or strided (docs/benchmarks.md).
+    The row kernels vectorise along output rows; on short rows (RedNet's 14x14 and 7x7 stages)
+    their loop overhead dominates and the tiled kernels (vectorised over a group's channels) win,
+    as does the tiled grad-input on strided rows (its row variant scatters with a stride); on long
+    rows the two tie or the rows win (measured: docs/benchmarks.md).
     ``D2INV_CPU_TILED=0/1`` forces one variant (for benchmarks).
     """
     forced = os.environ.get("D2INV_CPU_TILED")
     if forced in ("0", "1"):
         return forced == "1"
-    if name == "forward":
-        return True
     if name == "grad_input":
-        return Wo < TILED_BELOW_WIDTH or stride > 1
+        return stride > 1 or Wo < TILED_GRAD_INPUT_BELOW_WIDTH
     return Wo < TILED_BELOW_WIDTH
 
 
