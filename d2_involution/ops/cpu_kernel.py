@@ -135,8 +135,8 @@ def use_tiled(name: str, Wo: int, stride: int) -> bool:
 
     The row kernels vectorise along output rows; on short rows (RedNet's 14x14 and 7x7 stages)
     their loop overhead dominates and the tiled kernels (vectorised over a group's channels) win,
-    as does the tiled grad-input on strided rows (its row variant scatters with a stride); on long
-    rows the two tie or the rows win (measured: docs/benchmarks.md).
+    as do the tiled forward and grad-input on strided rows (their row variants gather or scatter
+    with a stride); on long rows the two tie or the rows win (measured: docs/benchmarks.md).
     ``D2INV_CPU_TILED=0/1`` forces one variant (for benchmarks).
     """
     forced = os.environ.get("D2INV_CPU_TILED")
@@ -144,6 +144,8 @@ def use_tiled(name: str, Wo: int, stride: int) -> bool:
         return forced == "1"
     if name == "grad_input":
         return stride > 1 or Wo < TILED_GRAD_INPUT_BELOW_WIDTH
+    if name == "forward":
+        return stride > 1 or Wo < TILED_BELOW_WIDTH
     return Wo < TILED_BELOW_WIDTH
 
 
