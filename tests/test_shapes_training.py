@@ -19,6 +19,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 import pytest
+import torch
 from detectron2.engine import default_argument_parser
 from PIL import Image
 
@@ -40,6 +41,15 @@ SMOKE = sorted(
     for p in SHAPES.glob("*.yaml")
     if not p.name.startswith("Base-") and p.name not in TRAINED
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Train with one intra-op thread: on 2 shared cores, 2 threads ran up to 10x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_train_net(config: str, output_dir: Path, *opts: str, eval_only: bool = False) -> dict:
