@@ -14,6 +14,9 @@ Fixes applied when needed:
 * ``PIL.Image.LINEAR`` (removed in Pillow 10; a default argument in v0.6's transforms).
 * ``np.bool/np.int/np.float/np.str`` (removed in numpy 1.24; v0.6's SemSegEvaluator uses them).
 * ``pkg_resources`` (removed with setuptools 81; ``model_zoo`` imports it, on main too).
+* ``DefaultTrainer`` checkpoints without the optimizer (v0.6 saves only the iteration and hooks,
+  so ``--resume`` lost SGD momentum and the AMP scaler): it gets main's ``state_dict`` /
+  ``load_state_dict``, which add the inner trainer's state.
 
 Each is keyed on what the installed detectron2's source uses (read, not imported), because
 detectron2 main still reports ``__version__ == "0.6"``.
@@ -135,6 +138,30 @@ def _source_uses(d2: types.ModuleType, module: str, *tokens: str) -> bool:
     return any(t in source for t in tokens)
 
 
+def _patch_default_trainer_state() -> None:
+    """Give v0.6's DefaultTrainer main's checkpointed state: iteration, hooks and inner trainer."""
+    from detectron2.engine import DefaultTrainer
+    from detectron2.engine.train_loop import TrainerBase
+
+    if DefaultTrainer.state_dict is not TrainerBase.state_dict:
+        return
+
+    def state_dict(self) -> dict:
+        ret = TrainerBase.state_dict(self)
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        TrainerBase.load_state_dict(self, state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("Checkpoint has no optimizer state (written by detectron2 v0.6)")
+
+    DefaultTrainer.state_dict = state_dict
+    DefaultTrainer.load_state_dict = load_state_dict
+
+
 def _setup() -> str:
     import detectron2
 
@@ -148,6 +175,7 @@ def _setup() -> str:
         _patch_numpy_aliases()
     if _source_uses(detectron2, "detectron2.model_zoo.model_zoo", "import pkg_resources"):
         _install_pkg_resources_standin()
+    _patch_default_trainer_state()
     return getattr(detectron2, "__version__", "unknown")
 
 

@@ -1,4 +1,5 @@
 """The package imports, registers its config keys, and reports what the installed detectron2 lacks."""
+
 import detectron2
 from detectron2.config import get_cfg
 

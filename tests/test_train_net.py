@@ -55,6 +55,12 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=True)
     assert trainer.start_iter == 2
+    # The optimizer's momentum comes back too (detectron2 v0.6 needs d2_involution.compat for it).
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    momentum = trainer.optimizer.state_dict()["state"]
+    assert momentum and len(momentum) == len(saved["trainer"]["_trainer"]["optimizer"]["state"])
+    for key, state in saved["trainer"]["_trainer"]["optimizer"]["state"].items():
+        assert torch.equal(momentum[key]["momentum_buffer"], state["momentum_buffer"])
     fresh = train_net.Trainer(cfg)
     fresh.resume_or_load(resume=False)
     assert fresh.start_iter == 0

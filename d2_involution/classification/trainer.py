@@ -25,7 +25,6 @@ from detectron2.config import CfgNode
 from detectron2.engine import (
     DefaultTrainer,
     SimpleTrainer,
-    TrainerBase,
     default_argument_parser,
     default_setup,
 )
@@ -230,17 +229,15 @@ class ClassificationTrainer(DefaultTrainer):
             logger.warning(f"Unreadable training images skipped: {self.train_loader.num_skipped}")
         return getattr(self, "_last_eval_results", None)
 
-    # TrainerBase's methods plus the inner trainer's state, written out: detectron2 v0.6's
-    # DefaultTrainer saves neither the optimizer nor the AMP scaler (main does, the same way).
+    # DefaultTrainer's state includes the optimizer and AMP scaler (on v0.6 through
+    # d2_involution.compat); the loader's seed is added so a resumed run sees the same batches.
     def state_dict(self) -> Dict[str, Any]:
-        ret = TrainerBase.state_dict(self)
-        ret["_trainer"] = self._trainer.state_dict()
+        ret = super().state_dict()
         ret["data_seed"] = self.train_loader.seed
         return ret
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        TrainerBase.load_state_dict(self, state_dict)
-        self._trainer.load_state_dict(state_dict["_trainer"])
+        super().load_state_dict(state_dict)
         if "data_seed" in state_dict:
             self.train_loader.seed = state_dict["data_seed"]
 
