@@ -14,6 +14,9 @@ Fixes applied when needed:
 * ``PIL.Image.LINEAR`` (removed in Pillow 10; a default argument in v0.6's transforms).
 * ``np.bool/np.int/np.float/np.str`` (removed in numpy 1.24; v0.6's SemSegEvaluator uses them).
 * ``pkg_resources`` (removed with setuptools 81; ``model_zoo`` imports it, on main too).
+* ``detectron2.export`` importing caffe2 unconditionally (v0.6; PyTorch 2 has no caffe2), which
+  breaks ``detectron2.utils.analysis``: the package is provided as on main, with caffe2 optional
+  (``TracingAdapter`` and the TorchScript helpers, no Caffe2 export).
 * ``DefaultTrainer`` checkpoints without the optimizer (v0.6 saves only the iteration and hooks,
   so ``--resume`` lost SGD momentum and the AMP scaler): it gets main's ``state_dict`` /
   ``load_state_dict``, which add the inner trainer's state.
@@ -23,6 +26,7 @@ detectron2 main still reports ``__version__ == "0.6"``.
 
 Also here: helpers whose right call differs between versions (the COCO evaluator).
 """
+
 import importlib
 import importlib.util
 import logging
@@ -162,6 +166,34 @@ def _patch_default_trainer_state() -> None:
     DefaultTrainer.load_state_dict = load_state_dict
 
 
+def _install_export_without_caffe2(d2: types.ModuleType) -> None:
+    """Provide ``detectron2.export`` without its Caffe2 part, loading submodules on demand."""
+    if importlib.util.find_spec("caffe2") is not None or "detectron2.export" in sys.modules:
+        return
+    path = os.path.join(os.path.dirname(d2.__file__), "export")
+    export = types.ModuleType("detectron2.export", "detectron2.export without Caffe2 (compat)")
+    export.__path__ = [path]
+    export.__file__ = os.path.join(path, "__init__.py")
+    lazy = {
+        "TracingAdapter": "flatten",
+        "dump_torchscript_IR": "torchscript",
+        "scripting_with_instances": "torchscript",
+    }
+
+    def __getattr__(name: str) -> Any:
+        if name in lazy:
+            return getattr(importlib.import_module(f"detectron2.export.{lazy[name]}"), name)
+        raise AttributeError(
+            f"detectron2.export.{name} is not available: detectron2 v0.6's Caffe2 export needs "
+            "caffe2, which PyTorch 2 no longer ships"
+        )
+
+    export.__getattr__ = __getattr__
+    sys.modules["detectron2.export"] = export
+    d2.export = export
+    _GAPS.append("detectron2.export's Caffe2 export (caffe2 is not in PyTorch 2)")
+
+
 def _setup() -> str:
     import detectron2
 
@@ -175,6 +207,8 @@ def _setup() -> str:
         _patch_numpy_aliases()
     if _source_uses(detectron2, "detectron2.model_zoo.model_zoo", "import pkg_resources"):
         _install_pkg_resources_standin()
+    if _source_uses(detectron2, "detectron2.export.__init__", "\nfrom .api import *"):
+        _install_export_without_caffe2(detectron2)
     _patch_default_trainer_state()
     return getattr(detectron2, "__version__", "unknown")
 

@@ -1,4 +1,4 @@
-"""The package imports, registers its config keys, and reports what the installed detectron2 lacks."""
+"""The package imports, adds its config keys and reports what the installed detectron2 lacks."""
 
 import detectron2
 from detectron2.config import get_cfg
@@ -34,3 +34,13 @@ def test_v06_fallback_runs_on_current_libraries():
     img = np.random.RandomState(0).randint(0, 255, (20, 30, 3)).astype(np.uint8)
     out = T.ExtentTransform((0, 0, 30, 20), (10, 15)).apply_image(img)
     assert out.shape == (10, 15, 3)
+
+
+def test_detectron2_flop_analysis_imports_and_counts():
+    """detectron2.utils.analysis imports (v0.6 needs compat: its export package wants caffe2)."""
+    import torch
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    flops = FlopCountAnalysis(conv, (torch.zeros(1, 3, 10, 10),)).total()
+    assert flops == 8 * 3 * 9 * 10 * 10
