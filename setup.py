@@ -3,6 +3,7 @@
 
 Detectron2 itself is not on the package registry; install it first (tools/setup.sh does it).
 """
+
 from setuptools import find_packages, setup
 
 setup(

@@ -3,6 +3,7 @@
 Importing the package makes the installed detectron2 usable (see :mod:`d2_involution.compat`) and
 registers every component with Detectron2's registries: built-in datasets, backbones and heads.
 """
+
 from . import compat  # noqa: F401  (first: fixes the detectron2 v0.6 fallback before any use)
 from . import data, modeling  # noqa: F401  (registrations)
 from .config import add_involution_config

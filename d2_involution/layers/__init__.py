@@ -1,4 +1,5 @@
 """nn.Modules built on the involution operator, and normalisation by name."""
+
 from .involution import ConvNormAct, Involution
 from .norm import FrozenStatsBatchNorm2d, get_norm
 

@@ -1,4 +1,5 @@
 """Normalisation layers by Detectron2 name, plus the detectors' frozen-statistics BatchNorm."""
+
 from typing import Union
 
 import torch
