@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import official_reference  # tests/ is on sys.path under pytest  # isort: skip
+
 import d2_involution  # noqa: F401  # isort: skip
 from d2_involution.layers import Involution
 from d2_involution.ops.flops import add_involution_flop_handles
 
-REFERENCE = Path("/work/shared/reference/official_rednet_keys.json")
-if not REFERENCE.exists():
-    REFERENCE = Path(__file__).resolve().parents[1] / "shared/reference/official_rednet_keys.json"
+REFERENCE = Path(official_reference.KEYS_JSON or "official_rednet_keys.json")
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
