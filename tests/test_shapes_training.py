@@ -1,13 +1,14 @@
 """End-to-end: configs/Shapes/ models train with train_net.py's Trainer on CPU and learn.
 
-CI budget: training every Shapes config to a useful score takes tens of minutes on 2 cores (see
-docs/training.md for the full runs and their results). Here, within a few minutes:
+CI budget: training every Shapes config to a useful score takes about half an hour on 2 cores
+(see docs/training.md for the full runs and their results). Here:
 
 * trained to a threshold (bounded iterations, fixed seed), then re-evaluated with ``--eval-only``
-  on the saved checkpoint and run through tools/demo.py: the semantic FPN and the Faster R-CNN
-  (the cheapest segmentation and detection models); the same model untrained is evaluated too,
-  and the trained score must be far above it;
-* smoke-trained (a few iterations, then the full evaluation): every other Shapes config.
+  on the saved checkpoint and run through tools/demo.py: semantic FPN (conv and involution neck),
+  UPerNet, Faster R-CNN (conv and involution neck) and Mask R-CNN; the same model untrained is
+  evaluated too, and the trained score must be far above it;
+* smoke-trained (a few iterations, then the full evaluation): the RetinaNets and the
+  involution-head Mask R-CNN, which learn too weakly in 300 iterations for a safe margin.
 """
 
 import json
@@ -30,11 +31,18 @@ import train_net  # noqa: E402
 SHAPES = REPO / "configs" / "Shapes"
 
 # config -> (task, metric, threshold, overrides). Measured with these exact settings (the configs'
-# defaults: 300 iterations, seed 42), docs/training.md: semantic FPN mIoU 18.5 (untrained 0.3),
-# Faster R-CNN box AP50 22.2 (untrained 0.07). The thresholds leave room for run-to-run drift.
+# defaults: 300 iterations, seed 42, one torch thread), docs/training.md: semantic FPN mIoU 18.5
+# (untrained 0.3), with involution neck 18.4 (5.5), UPerNet 18.8 (3.6); Faster R-CNN box AP50 22.2
+# (0.07), with involution neck 16.9 (0.11); Mask R-CNN mask AP50 21.0 (0.07). The thresholds leave
+# room for run-to-run drift. RetinaNet (AP50 6.2 / 3.3) and the involution-head Mask R-CNN (mask
+# AP50 4.9) learn too weakly in 300 iterations to assert a margin; they are smoke-tested below.
 TRAINED: Dict[str, Tuple[str, str, float, Tuple[str, ...]]] = {
     "semantic_fpn_rednet26_fpn.yaml": ("sem_seg", "mIoU", 10.0, ()),
+    "semantic_fpn_rednet26_involution_fpn.yaml": ("sem_seg", "mIoU", 10.0, ()),
+    "upernet_rednet26.yaml": ("sem_seg", "mIoU", 10.0, ()),
     "faster_rcnn_rednet26_fpn.yaml": ("bbox", "AP50", 10.0, ()),
+    "faster_rcnn_rednet26_involution_fpn.yaml": ("bbox", "AP50", 8.0, ()),
+    "mask_rcnn_rednet26_fpn.yaml": ("segm", "AP50", 10.0, ()),
 }
 SMOKE = sorted(
     p.name
@@ -128,10 +136,11 @@ def test_demo_on_trained_model(trained, tmp_path):
             labels = np.array(Image.open(tmp_path / record["sem_seg"]["file_name"]))
             assert labels.shape == (record["height"], record["width"])
             assert set(np.unique(labels).tolist()) == set(map(int, record["sem_seg"]["classes"]))
-            assert len(record["sem_seg"]["classes"]) >= 2  # a trained model finds shapes
         else:
             assert all(inst["score"] >= 0.2 for inst in record["instances"])
-    if TRAINED[config][0] == "bbox":  # a trained detector finds some of the shapes
+    if TRAINED[config][0] == "sem_seg":  # a trained model finds shapes in some image
+        assert max(len(r["sem_seg"]["classes"]) for r in records) >= 2
+    else:  # a trained detector finds some of the shapes
         assert sum(len(r["instances"]) for r in records) >= 1
 
 
