@@ -40,6 +40,7 @@ __all__ = [
     "HAS_COMPILED_OPS",
     "describe_gaps",
     "build_coco_evaluator",
+    "stock_detectron2_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -233,3 +234,71 @@ def build_coco_evaluator(dataset_name: str, output_dir: str = None, **kwargs: An
     if not HAS_COMPILED_OPS:
         kwargs["use_fast_impl"] = False
     return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
+
+
+# Detectron2's model-zoo settings for the stock R-50-FPN baselines: the keys of Base-RCNN-FPN.yaml /
+# Base-RetinaNet.yaml plus the R-50 1x files. The v0.6 fallback package ships no model-zoo yaml
+# files, so they are set here (the same values on every version).
+_BASE_RCNN_FPN = [
+    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN"),
+    ("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"),
+    ("MODEL.RESNETS.DEPTH", 50),
+    ("MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"]),
+    ("MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"]),
+    ("MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]),
+    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]]),
+    ("MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"]),
+    ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", 2000),
+    ("MODEL.RPN.PRE_NMS_TOPK_TEST", 1000),
+    ("MODEL.RPN.POST_NMS_TOPK_TRAIN", 1000),
+    ("MODEL.RPN.POST_NMS_TOPK_TEST", 1000),
+    ("MODEL.ROI_HEADS.NAME", "StandardROIHeads"),
+    ("MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"]),
+    ("MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"),
+    ("MODEL.ROI_BOX_HEAD.NUM_FC", 2),
+    ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7),
+    ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"),
+    ("MODEL.ROI_MASK_HEAD.NUM_CONV", 4),
+    ("MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", 14),
+]
+_BASE_RETINANET = [
+    ("MODEL.META_ARCHITECTURE", "RetinaNet"),
+    ("MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"),
+    ("MODEL.RESNETS.DEPTH", 50),
+    ("MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"]),
+    ("MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]),
+    (
+        "MODEL.ANCHOR_GENERATOR.SIZES",
+        [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [32, 64, 128, 256, 512]],
+    ),
+    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]]),
+    ("MODEL.RETINANET.IOU_THRESHOLDS", [0.4, 0.5]),
+    ("MODEL.RETINANET.IOU_LABELS", [0, -1, 1]),
+    ("MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", 0.0),
+]
+_STOCK_CONFIGS = {
+    "faster_rcnn_R_50_FPN_1x": _BASE_RCNN_FPN + [("MODEL.MASK_ON", False)],
+    "mask_rcnn_R_50_FPN_1x": _BASE_RCNN_FPN + [("MODEL.MASK_ON", True)],
+    "retinanet_R_50_FPN_1x": _BASE_RETINANET,
+}
+
+
+def stock_detectron2_config(name: str):
+    """Detectron2's default config set up as its model-zoo R-50-FPN baseline ``name``.
+
+    ``name``: "faster_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x" or "retinanet_R_50_FPN_1x".
+    ``MODEL.WEIGHTS`` is left empty (random init; nothing is downloaded).
+    """
+    from detectron2.config import get_cfg
+
+    if name not in _STOCK_CONFIGS:
+        raise ValueError(f"name: expected one of {sorted(_STOCK_CONFIGS)}, got {name!r}")
+    cfg = get_cfg()
+    for key, value in _STOCK_CONFIGS[name]:
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    cfg.MODEL.WEIGHTS = ""
+    return cfg

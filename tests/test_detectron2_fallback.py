@@ -13,44 +13,14 @@ import os
 import cv2
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, DefaultTrainer
 
 from d2_involution import compat  # fixes the detectron2 v0.6 fallback (tests/conftest.py: first)
 
-# The keys of detectron2's Base-RCNN-FPN.yaml + mask_rcnn_R_50_FPN_1x.yaml (minus WEIGHTS).
-_MASK_RCNN_R50_FPN = [
-    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN"),
-    ("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"),
-    ("MODEL.RESNETS.DEPTH", 50),
-    ("MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"]),
-    ("MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"]),
-    ("MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]),
-    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]]),
-    ("MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"]),
-    ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", 2000),
-    ("MODEL.RPN.PRE_NMS_TOPK_TEST", 1000),
-    ("MODEL.RPN.POST_NMS_TOPK_TRAIN", 1000),
-    ("MODEL.RPN.POST_NMS_TOPK_TEST", 1000),
-    ("MODEL.ROI_HEADS.NAME", "StandardROIHeads"),
-    ("MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"]),
-    ("MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"),
-    ("MODEL.ROI_BOX_HEAD.NUM_FC", 2),
-    ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7),
-    ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"),
-    ("MODEL.ROI_MASK_HEAD.NUM_CONV", 4),
-    ("MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", 14),
-    ("MODEL.MASK_ON", True),
-]
-
 
 def _stock_mask_rcnn_cfg(output_dir: str):
-    cfg = get_cfg()
-    for key, value in _MASK_RCNN_R50_FPN:
-        node, _, leaf = key.rpartition(".")
-        setattr(_node(cfg, node), leaf, value)
-    cfg.MODEL.WEIGHTS = ""
+    cfg = compat.stock_detectron2_config("mask_rcnn_R_50_FPN_1x")
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(MetadataCatalog.get("shapes_train").thing_classes)
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
@@ -69,12 +39,6 @@ def _stock_mask_rcnn_cfg(output_dir: str):
     cfg.SOLVER.STEPS = ()
     cfg.SOLVER.CHECKPOINT_PERIOD = 1000
     cfg.OUTPUT_DIR = output_dir
-    return cfg
-
-
-def _node(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
     return cfg
 
 

@@ -48,7 +48,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.nn import functional as F
 
-from d2_involution import add_involution_config
+from d2_involution import add_involution_config, compat
 from d2_involution.classification import RedNetClassifier
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,45 +60,7 @@ AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {
 NUM_CLASSES_CLS = 1000
 NUM_BOXES = 4
 
-# Detectron2's configs/Base-RCNN-FPN.yaml + COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml.
-_R50_FASTER_RCNN_KEYS = [
-    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN"),
-    ("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"),
-    ("MODEL.RESNETS.DEPTH", 50),
-    ("MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"]),
-    ("MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"]),
-    ("MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]),
-    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]]),
-    ("MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"]),
-    ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", 2000),
-    ("MODEL.RPN.PRE_NMS_TOPK_TEST", 1000),
-    ("MODEL.RPN.POST_NMS_TOPK_TRAIN", 1000),
-    ("MODEL.RPN.POST_NMS_TOPK_TEST", 1000),
-    ("MODEL.ROI_HEADS.NAME", "StandardROIHeads"),
-    ("MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"]),
-    ("MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"),
-    ("MODEL.ROI_BOX_HEAD.NUM_FC", 2),
-    ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7),
-    ("MODEL.MASK_ON", False),
-]
-# Detectron2's configs/Base-RetinaNet.yaml + COCO-Detection/retinanet_R_50_FPN_1x.yaml.
-_R50_RETINANET_KEYS = [
-    ("MODEL.META_ARCHITECTURE", "RetinaNet"),
-    ("MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"),
-    ("MODEL.RESNETS.DEPTH", 50),
-    ("MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"]),
-    ("MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]),
-    (
-        "MODEL.ANCHOR_GENERATOR.SIZES",
-        [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [32, 64, 128, 256, 512]],
-    ),
-    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]]),
-    ("MODEL.RETINANET.IOU_THRESHOLDS", [0.4, 0.5]),
-    ("MODEL.RETINANET.IOU_LABELS", [0, -1, 1]),
-    ("MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", 0.0),
-]
-
-# name -> (kind, config file or stock key list)
+# name -> (kind, our config file or the name of a stock Detectron2 model-zoo baseline)
 MODELS: Dict[str, Tuple[str, object]] = {
     "rednet50_cls": ("cls", "rednet50"),
     "resnet50_cls": ("cls", "resnet50"),
@@ -107,13 +69,13 @@ MODELS: Dict[str, Tuple[str, object]] = {
         "det",
         "configs/COCO-Detection/faster_rcnn_rednet50_involution_fpn_1x.yaml",
     ),
-    "faster_rcnn_R50_fpn": ("det", _R50_FASTER_RCNN_KEYS),
+    "faster_rcnn_R50_fpn": ("det", "faster_rcnn_R_50_FPN_1x"),
     "retinanet_rednet50_fpn": ("det", "configs/COCO-Detection/retinanet_rednet50_fpn_1x.yaml"),
     "retinanet_rednet50_involution_fpn": (
         "det",
         "configs/COCO-Detection/retinanet_rednet50_involution_fpn_1x.yaml",
     ),
-    "retinanet_R50_fpn": ("det", _R50_RETINANET_KEYS),
+    "retinanet_R50_fpn": ("det", "retinanet_R_50_FPN_1x"),
 }
 
 COLUMNS = [
@@ -202,28 +164,15 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def stock_cfg(keys: Sequence[Tuple[str, object]]) -> CfgNode:
-    """Detectron2's default config with ``keys`` set (the model-zoo yaml is not shipped on v0.6)."""
-    cfg = get_cfg()
-    add_involution_config(cfg)
-    for dotted, value in keys:
-        node, _, leaf = dotted.rpartition(".")
-        target = cfg
-        for part in node.split("."):
-            target = getattr(target, part)
-        setattr(target, leaf, value)
-    return cfg
-
-
 def detection_cfg(name: str, device: torch.device) -> CfgNode:
     """The config of detector ``name`` with random initialisation on ``device``."""
     source = MODELS[name][1]
-    if isinstance(source, str):
+    if source.endswith(".yaml"):
         cfg = get_cfg()
         add_involution_config(cfg)
         cfg.merge_from_file(os.path.join(REPO_ROOT, source))
     else:
-        cfg = stock_cfg(source)
+        cfg = add_involution_config(compat.stock_detectron2_config(source))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = str(device)
     cfg.freeze()
