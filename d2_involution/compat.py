@@ -40,6 +40,7 @@ __all__ = [
     "HAS_COMPILED_OPS",
     "describe_gaps",
     "build_coco_evaluator",
+    "read_checkpoint_file",
     "stock_detectron2_config",
 ]
 
@@ -234,6 +235,25 @@ def build_coco_evaluator(dataset_name: str, output_dir: str = None, **kwargs: An
     if not HAS_COMPILED_OPS:
         kwargs["use_fast_impl"] = False
     return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
+
+
+def read_checkpoint_file(checkpointer: Any, path: str) -> dict:
+    """What ``checkpointer.load(path)`` would load into the model, without loading it.
+
+    ``DetectionCheckpointer._load_file`` reads .pth/.pkl files the Detectron2 way; detectron2 main
+    requires it to run inside ``load`` (it reads ``?matching_heuristics=True`` from the URL then),
+    v0.6 does not. Callers that need to inspect a checkpoint before loading use this.
+    """
+    if not hasattr(checkpointer, "_parsed_url_during_load"):
+        return checkpointer._load_file(path)
+    from urllib.parse import urlparse
+
+    checkpointer._parsed_url_during_load = urlparse(path)
+    try:
+        local = checkpointer._parsed_url_during_load._replace(query="").geturl()
+        return checkpointer._load_file(checkpointer.path_manager.get_local_path(local))
+    finally:
+        checkpointer._parsed_url_during_load = None
 
 
 # Detectron2's model-zoo settings for the stock R-50-FPN baselines: the keys of Base-RCNN-FPN.yaml /

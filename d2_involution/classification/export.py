@@ -26,6 +26,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
+from .. import compat
+
 __all__ = ["BackboneFit", "backbone_state_dict", "export_backbone", "load_backbone_weights"]
 
 logger = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> BackboneFit:
     """Load ``path`` into ``model`` exactly as ``DetectionCheckpointer(model).load(path)`` does
     (heuristic matching included, and the same log), and return what did and did not fit."""
     checkpointer = DetectionCheckpointer(model)
-    checkpoint = checkpointer._load_file(path)
+    checkpoint = compat.read_checkpoint_file(checkpointer, path)
     names = list(checkpoint["model"].keys())
     shapes = {k: tuple(v.shape) for k, v in checkpoint["model"].items()}
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
