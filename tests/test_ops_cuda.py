@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import d2_involution  # noqa: F401  # isort: skip
 from d2_involution.ops import cuda_kernel, involution, involution_output_size
@@ -90,15 +89,7 @@ if CUDA_REASON:
 needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"CUDA kernels: {CUDA_REASON}")
 
 
-def reference(x, weight, stride=1, padding=None, dilation=1):
-    """The unfold formulation in float64 (on the inputs' device)."""
-    N, C, H, W = x.shape
-    _, G, K, _, Ho, Wo = weight.shape
-    if padding is None:
-        padding = dilation * (K - 1) // 2
-    cols = F.unfold(x.double(), K, dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(N, G, C // G, K * K, Ho, Wo)
-    return (cols * weight.double().reshape(N, G, 1, K * K, Ho, Wo)).sum(3).reshape(N, C, Ho, Wo)
+from involution_reference import reference  # noqa: E402  (tests/ is on sys.path)
 
 
 def random_config(rng: random.Random) -> dict:

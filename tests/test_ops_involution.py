@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import d2_involution  # noqa: F401  # isort: skip
 from d2_involution.ops import (
@@ -20,16 +19,7 @@ from d2_involution.ops import (
 OP = torch.ops.d2_involution
 
 
-def reference(x, weight, stride=1, padding=None, dilation=1):
-    """The unfold formulation in float64: independent of every path under test."""
-    N, C, H, W = x.shape
-    _, G, K, _, Ho, Wo = weight.shape
-    if padding is None:
-        padding = dilation * (K - 1) // 2
-    cols = F.unfold(x.double(), K, dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(N, G, C // G, K * K, Ho, Wo)
-    out = (cols * weight.double().reshape(N, G, 1, K * K, Ho, Wo)).sum(3)
-    return out.reshape(N, C, Ho, Wo)
+from involution_reference import reference  # noqa: E402  (tests/ is on sys.path)
 
 
 def random_config(rng: random.Random) -> dict:
