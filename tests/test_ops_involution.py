@@ -1,5 +1,6 @@
-"""The involution op on the CPU: every path against a plain unfold reference, gradients, the custom
-op (opcheck, torch.compile, autocast), tracing, and bad input."""
+"""The involution op on the CPU: every path (NCHW and NHWC kernels, fallback, pure PyTorch) against
+a plain unfold reference, gradients, layouts, the custom op (opcheck, torch.compile, autocast),
+tracing, and bad input. The fused op: tests/test_ops_involution_fused.py."""
 
 import io
 import random
@@ -22,7 +23,7 @@ OP = torch.ops.d2_involution
 from involution_reference import reference  # noqa: E402  (tests/ is on sys.path)
 
 
-def random_config(rng: random.Random) -> dict:
+def random_config(rng: random.Random, group_channels=(1, 2, 3), extra_width: int = 9) -> dict:
     K = rng.choice([1, 3, 5, 7])
     stride = rng.choice([1, 2, 3])
     dilation = rng.choice([1, 2])
@@ -32,10 +33,10 @@ def random_config(rng: random.Random) -> dict:
     G = rng.choice([1, 2, 3])
     return dict(
         N=rng.randint(1, 3),
-        C=G * rng.randint(1, 3),
+        C=G * rng.choice(group_channels),
         G=G,
         H=rng.randint(min_size, min_size + 9),
-        W=rng.randint(min_size, min_size + 9),
+        W=rng.randint(min_size, min_size + extra_width),
         K=K,
         stride=stride,
         padding=padding,
@@ -45,6 +46,20 @@ def random_config(rng: random.Random) -> dict:
 
 
 CONFIGS = [random_config(random.Random(seed)) for seed in range(40)]
+# Channels per group that are whole SIMD vectors (4 doubles / 8 floats, up to more than 8
+# vectors), and rows of several vectors plus a tail: the kernels' vector paths.
+VECTOR_CONFIGS = [
+    random_config(random.Random(100 + seed), (4, 8, 16, 24, 36, 40, 72), 20) for seed in range(16)
+]
+
+
+def to_nhwc(x: torch.Tensor, w: torch.Tensor):
+    """x channels_last and w stored as a dense (N, Ho, Wo, G, K, K) tensor: the NHWC kernels'."""
+    return x.contiguous(memory_format=torch.channels_last), nhwc_weight(w)
+
+
+def nhwc_weight(w: torch.Tensor) -> torch.Tensor:
+    return w.permute(0, 4, 5, 1, 2, 3).contiguous().permute(0, 3, 4, 5, 1, 2)
 
 
 def make_inputs(cfg: dict, dtype=torch.float64, seed: int = 0):
@@ -65,15 +80,23 @@ def kwargs_of(cfg: dict) -> dict:
     return dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"])
 
 
-@pytest.fixture(params=["kernel-rows", "kernel-tiled", "fallback", "pytorch"])
+def require_kernel() -> None:
+    if not cpu_kernel.available():
+        pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
+
+
+def involution_nhwc(x, w, **kwargs):
+    """involution on channels_last copies of the inputs: the NHWC kernels."""
+    return involution(*to_nhwc(x, w), **kwargs)
+
+
+@pytest.fixture(params=["kernel", "kernel-nhwc", "fallback", "pytorch"])
 def path(request, monkeypatch):
-    """The C++ kernels (both variants, through the custom op), the op's fallback without them, and
-    involution_pytorch."""
+    """The C++ kernels through the custom op (in the layout of the config's x, and all in NHWC),
+    the op's fallback without them, and involution_pytorch."""
     if request.param.startswith("kernel"):
-        if not cpu_kernel.available():
-            pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
-        monkeypatch.setenv("D2INV_CPU_TILED", "1" if request.param == "kernel-tiled" else "0")
-        return involution
+        require_kernel()
+        return involution_nhwc if request.param == "kernel-nhwc" else involution
     if request.param == "fallback":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
         return involution
@@ -91,6 +114,28 @@ def test_matches_reference_float64(path, cfg):
     rx, rw = torch.autograd.grad(ref, (x, w), grad)
     torch.testing.assert_close(gx, rx, rtol=1e-10, atol=1e-10, msg=lambda m: f"{cfg} grad x: {m}")
     torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10, msg=lambda m: f"{cfg} grad w: {m}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "cfg", VECTOR_CONFIGS, ids=[f"vcfg{i}" for i in range(len(VECTOR_CONFIGS))]
+)
+def test_vector_paths_match_reference(layout, cfg):
+    """float64 and float32, with whole-vector channel groups and multi-vector rows."""
+    require_kernel()
+    fn = involution_nhwc if layout == "nhwc" else involution
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        x, w = make_inputs(cfg, dtype)
+        out = fn(x, w, **kwargs_of(cfg))
+        ref = reference(x, w, **kwargs_of(cfg))
+        torch.testing.assert_close(
+            out.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{cfg}: {m}"
+        )
+        grad = torch.randn(ref.shape, dtype=torch.float64)
+        gx, gw = torch.autograd.grad(out, (x, w), grad.to(dtype))
+        rx, rw = torch.autograd.grad(ref, (x, w), grad)
+        torch.testing.assert_close(gx.double(), rx.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(gw.double(), rw.double(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[:12], ids=[f"cfg{i}" for i in range(12)])
@@ -128,13 +173,13 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: involution_pytorch(a, b, **kwargs_of(cfg)), (x, w))
 
 
-@pytest.mark.parametrize("tiled", ["0", "1"])
-def test_threads_do_not_change_results(tiled, monkeypatch):
-    if not cpu_kernel.available():
-        pytest.skip(f"C++ CPU kernel unavailable: {cpu_kernel.unavailable_reason()}")
-    monkeypatch.setenv("D2INV_CPU_TILED", tiled)
-    cfg = dict(N=3, C=16, G=4, H=11, W=9, K=5, stride=2, padding=None, dilation=1)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_threads_do_not_change_results(layout):
+    require_kernel()
+    cfg = dict(N=3, C=32, G=2, H=11, W=13, K=5, stride=2, padding=None, dilation=1)
     x, w = make_inputs(cfg, torch.float32)
+    if layout == "nhwc":
+        x, w = (t.detach().requires_grad_() for t in to_nhwc(x, w))
     before = torch.get_num_threads()
     results = []
     try:
@@ -149,14 +194,39 @@ def test_threads_do_not_change_results(tiled, monkeypatch):
             assert torch.equal(a, b)
 
 
-def test_opcheck():
-    cfg = dict(N=2, C=6, G=3, H=7, W=8, K=3, stride=2, padding=2, dilation=2)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_opcheck(layout):
+    cfg = dict(N=2, C=12, G=3, H=7, W=8, K=3, stride=2, padding=2, dilation=2)
     x, w = make_inputs(cfg)
     Ho, Wo = w.shape[4], w.shape[5]
+    go = torch.randn(2, 12, Ho, Wo, dtype=torch.float64)
+    if layout == "nhwc":
+        x, w = (t.detach().requires_grad_() for t in to_nhwc(x, w))
+        go = go.contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(OP.involution.default, (x, w, 2, 2, 2))
-    go = torch.randn(2, 6, Ho, Wo, dtype=torch.float64)
     torch.library.opcheck(OP.involution_grad_input.default, (go, w.detach(), 7, 8, 2, 2, 2))
     torch.library.opcheck(OP.involution_grad_weight.default, (go, x.detach(), 3, 3, 2, 2, 2))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+def test_outputs_keep_the_layout(kernel, monkeypatch):
+    """channels_last in, channels_last out (and weight gradients in the pixel-major order that a
+    channels_last generator produces), so a channels_last model needs no layout copies."""
+    if kernel:
+        require_kernel()
+    else:
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    cfg = dict(N=2, C=16, G=2, H=9, W=10, K=3, stride=1, padding=None, dilation=1)
+    x, w = make_inputs(cfg)
+    xc, wc = (t.detach().requires_grad_() for t in to_nhwc(x, w))
+    out = involution(xc, wc)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    gx, gw = torch.autograd.grad(out, (xc, wc), torch.randn_like(out))
+    assert gx.is_contiguous(memory_format=torch.channels_last) and not gx.is_contiguous()
+    assert gw.stride() == wc.stride()
+    out = involution(x, w)
+    assert out.is_contiguous()
+    assert all(g.is_contiguous() for g in torch.autograd.grad(out, (x, w), torch.randn_like(out)))
 
 
 def test_empty_batch(path):

@@ -2,7 +2,9 @@
 
 from .involution import (
     SUPPORTED_DTYPES,
+    generate_weights,
     involution,
+    involution_fused,
     involution_output_size,
     involution_pytorch,
     pure_pytorch_trace,
@@ -10,7 +12,9 @@ from .involution import (
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "generate_weights",
     "involution",
+    "involution_fused",
     "involution_output_size",
     "involution_pytorch",
     "pure_pytorch_trace",

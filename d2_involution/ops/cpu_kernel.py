@@ -1,12 +1,19 @@
 """Build (once) and call the C++ CPU involution kernels in ``involution_cpu.cpp``.
 
 The source has plain C entry points and no PyTorch headers, so it is compiled with the system C++
-compiler alone (11 s measured on a loaded 2-core machine, once per machine) and loaded with ctypes;
+compiler alone (about 25 s on a loaded 2-core machine, once per machine) and loaded with ctypes;
 ``torch.utils.cpp_extension.load`` would also need ninja and PyTorch's C++ headers. The library is
 cached under ``$D2INV_CACHE_DIR`` (default ``~/.cache/d2_involution``), keyed by the source, the
 flags and the CPU, so a cache shared between machines never runs code built for another CPU.
 Without a compiler (or with ``D2INV_CPU_KERNEL=0``) :func:`available` is False and the op falls
 back to its pure-PyTorch path, after one warning saying why.
+
+Layouts: every function takes tensors of any strides and runs the kernels of the layout of its
+first feature-map argument (:func:`layout`): NCHW, or NHWC for channels_last tensors, so that a
+channels_last model runs without layout copies. The other inputs are made dense in that layout
+(a copy only when they are not already), and the results are returned in it: feature maps
+channels_last, weights (N, G, K, K, Ho, Wo) with strides of a dense (N, Ho, Wo, G, K, K) tensor.
+Threads: ``torch.get_num_threads()``; results do not depend on it.
 """
 
 import ctypes
@@ -20,19 +27,38 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "forward", "grad_input", "grad_weight"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "layout",
+    "forward",
+    "grad_input",
+    "grad_weight",
+    "fused_forward",
+    "fused_backward",
+]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("involution_cpu.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
+_FLAGS = [
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+    "-fno-math-errno",
+    "-ffp-contract=fast",
+    "-fopenmp",
+]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-TILED_BELOW_WIDTH = 24
-TILED_GRAD_INPUT_BELOW_WIDTH = 40
+_LAYOUTS = ("nchw", "nhwc")
+_N_SIZES = 12  # N, C, G, H, W, Ho, Wo, K, stride, pad, dil, threads
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -58,39 +84,52 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("D2INV_CACHE_DIR", default))
 
 
-def _build() -> ctypes.CDLL:
+def _compile(source: Path, target: Path, flags: Sequence[str]) -> None:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    source = _SOURCE.read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a private file and rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *flags, str(source), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        for optional in ("-march=native", "-fopenmp"):
+            if proc.returncode != 0:
+                # Unknown to some compilers: retry without it (-fopenmp: std::thread instead).
+                cmd.remove(optional)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL:
     flags = _FLAGS + ["-march=native"]
-    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_id().encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        _SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_id().encode()
+    ).hexdigest()[:16]
     target = _cache_dir() / f"involution_cpu_{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build into a private file and rename: concurrent processes never load a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        cmd = [compiler, *flags, str(_SOURCE), "-o", tmp]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                # -march=native is unknown to some compilers: retry without it.
-                cmd.remove("-march=native")
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _compile(_SOURCE, target, flags)
     lib = ctypes.CDLL(str(target))
-    i64 = ctypes.c_int64
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = {
+        "forward": [ptr] * 3,
+        "grad_input": [ptr] * 3,
+        "grad_weight": [ptr] * 3,
+        "fused_forward": [ptr] * 5 + [i64],
+        "fused_backward": [ptr] * 9 + [i64],
+    }
     for suffix in _SUFFIX.values():
-        for name in ("forward", "grad_input", "grad_weight"):
-            for variant in ("", "_tiled"):
-                fn = getattr(lib, f"d2i_{name}{variant}_{suffix}")
-                fn.argtypes = [ctypes.c_void_p] * 3 + [i64] * 12
+        for name, args in signatures.items():
+            for lay in _LAYOUTS:
+                fn = getattr(lib, f"d2i_{name}_{lay}_{suffix}")
+                fn.argtypes = args + [i64] * _N_SIZES
                 fn.restype = None
     return lib
 
@@ -130,77 +169,189 @@ def unavailable_reason() -> Optional[str]:
     return _reason
 
 
-def use_tiled(name: str, Wo: int, stride: int) -> bool:
-    """Whether kernel ``name`` runs its channel-tiled variant (else the row variant).
-
-    The row kernels vectorise along output rows; on short rows (RedNet's 14x14 and 7x7 stages)
-    their loop overhead dominates and the tiled kernels (vectorised over a group's channels) win,
-    as do the tiled forward and grad-input on strided rows (their row variants gather or scatter
-    with a stride); on long rows the two tie or the rows win (measured: docs/benchmarks.md).
-    ``D2INV_CPU_TILED=0/1`` forces one variant (for benchmarks).
-    """
-    forced = os.environ.get("D2INV_CPU_TILED")
-    if forced in ("0", "1"):
-        return forced == "1"
-    if name == "grad_input":
-        return stride > 1 or Wo < TILED_GRAD_INPUT_BELOW_WIDTH
-    if name == "forward":
-        return stride > 1 or Wo < TILED_BELOW_WIDTH
-    return Wo < TILED_BELOW_WIDTH
+# ---------------------------------------------------------------------------------------------
+# Layouts
 
 
-def _call(name: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, sizes) -> torch.Tensor:
+def layout(t: Tensor) -> str:
+    """``"nhwc"`` for a channels_last tensor that is not NCHW-contiguous too, else ``"nchw"``."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return "nhwc"
+    return "nchw"
+
+
+def memory_format(lay: str) -> torch.memory_format:
+    return torch.channels_last if lay == "nhwc" else torch.contiguous_format
+
+
+def _dense_map(t: Tensor, lay: str) -> Tensor:
+    return t.contiguous(memory_format=memory_format(lay))
+
+
+def _dense_weight(w: Tensor, lay: str) -> Tensor:
+    """(N, G, K, K, Ho, Wo) weights as a dense tensor of the layout's order (for its data_ptr)."""
+    return w.contiguous() if lay == "nchw" else w.permute(0, 4, 5, 1, 2, 3).contiguous()
+
+
+def empty_weight(shape: Sequence[int], lay: str, like: Tensor) -> Tensor:
+    """Uninitialised (N, G, K, K, Ho, Wo) weights stored in the layout's order."""
+    if lay == "nchw":
+        return like.new_empty(shape)
+    N, G, K, _, Ho, Wo = shape
+    return like.new_empty((N, Ho, Wo, G, K, K)).permute(0, 3, 4, 5, 1, 2)
+
+
+def _empty_map(shape: Sequence[int], lay: str, like: Tensor) -> Tensor:
+    return torch.empty(
+        shape, dtype=like.dtype, device=like.device, memory_format=memory_format(lay)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls
+
+
+def _call(name: str, lay: str, tensors: Sequence[Tensor], extra: Tuple[int, ...], sizes) -> None:
     lib = _load()
     if lib is None:
         raise RuntimeError(f"d2_involution CPU kernel unavailable: {_reason}")
-    if out.numel() == 0 or a.numel() == 0 or b.numel() == 0:
+    fn = getattr(lib, f"d2i_{name}_{lay}_{_SUFFIX[tensors[0].dtype]}")
+    fn(*(t.data_ptr() for t in tensors), *extra, *sizes, torch.get_num_threads())
+
+
+def _sizes(x_shape, w_shape, stride: int, padding: int, dilation: int) -> Tuple[int, ...]:
+    N, C, H, W = x_shape
+    _, G, K, _, Ho, Wo = w_shape
+    return (N, C, G, H, W, Ho, Wo, K, stride, padding, dilation)
+
+
+def _empty_inputs(*tensors: Tensor) -> bool:
+    return any(t.numel() == 0 for t in tensors)
+
+
+def forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    """out (N, C, Ho, Wo) in x's layout; x and weight float32/float64 on the CPU, same dtype."""
+    lay = layout(x)
+    N, C = x.shape[:2]
+    out = _empty_map((N, C, weight.shape[4], weight.shape[5]), lay, x)
+    if _empty_inputs(out, x, weight):
         return out.zero_()
-    variant = "_tiled" if use_tiled(name, sizes[6], sizes[8]) else ""
-    fn = getattr(lib, f"d2i_{name}{variant}_{_SUFFIX[a.dtype]}")
-    fn(a.data_ptr(), b.data_ptr(), out.data_ptr(), *sizes, torch.get_num_threads())
+    x, w = _dense_map(x, lay), _dense_weight(weight, lay)
+    _call("forward", lay, (x, w, out), (), _sizes(x.shape, weight.shape, stride, padding, dilation))
     return out
 
 
-def forward(
-    x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int
-) -> torch.Tensor:
-    """out (N, C, Ho, Wo); x and weight contiguous float32/float64 on the CPU, same dtype."""
-    N, C, H, W = x.shape
-    _, G, K, _, Ho, Wo = weight.shape
-    out = torch.empty((N, C, Ho, Wo), dtype=x.dtype)
-    return _call("forward", x, weight, out, (N, C, G, H, W, Ho, Wo, K, stride, padding, dilation))
-
-
 def grad_input(
-    grad_out: torch.Tensor,
-    weight: torch.Tensor,
-    H: int,
-    W: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-) -> torch.Tensor:
-    """Gradient of the output w.r.t. x: (N, C, H, W)."""
-    N, C, Ho, Wo = grad_out.shape
-    G, K = weight.shape[1], weight.shape[2]
-    gx = torch.empty((N, C, H, W), dtype=grad_out.dtype)
-    sizes = (N, C, G, H, W, Ho, Wo, K, stride, padding, dilation)
-    return _call("grad_input", grad_out, weight, gx, sizes)
+    grad_out: Tensor, weight: Tensor, H: int, W: int, stride: int, padding: int, dilation: int
+) -> Tensor:
+    """Gradient w.r.t. x: (N, C, H, W) in grad_out's layout."""
+    lay = layout(grad_out)
+    N, C = grad_out.shape[:2]
+    gx = _empty_map((N, C, H, W), lay, grad_out)
+    if _empty_inputs(gx, grad_out, weight):
+        return gx.zero_()
+    go, w = _dense_map(grad_out, lay), _dense_weight(weight, lay)
+    _call(
+        "grad_input",
+        lay,
+        (go, w, gx),
+        (),
+        _sizes(gx.shape, weight.shape, stride, padding, dilation),
+    )
+    return gx
 
 
 def grad_weight(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
+    grad_out: Tensor,
+    x: Tensor,
     groups: int,
     kernel_size: int,
     stride: int,
     padding: int,
     dilation: int,
-) -> torch.Tensor:
-    """Gradient of the output w.r.t. the weight: (N, G, K, K, Ho, Wo)."""
-    N, C, Ho, Wo = grad_out.shape
-    H, W = x.shape[2], x.shape[3]
-    G, K = groups, kernel_size
-    gw = torch.empty((N, G, K, K, Ho, Wo), dtype=grad_out.dtype)
-    sizes = (N, C, G, H, W, Ho, Wo, K, stride, padding, dilation)
-    return _call("grad_weight", grad_out, x, gw, sizes)
+) -> Tensor:
+    """Gradient w.r.t. the weight: (N, G, K, K, Ho, Wo) in x's layout (see the module doc)."""
+    lay = layout(x)
+    N, _, Ho, Wo = grad_out.shape
+    shape = (N, groups, kernel_size, kernel_size, Ho, Wo)
+    gw = empty_weight(shape, lay, x)
+    if _empty_inputs(gw, grad_out, x):
+        return gw.zero_()
+    go, x = _dense_map(grad_out, lay), _dense_map(x, lay)
+    _call(
+        "grad_weight",
+        lay,
+        (go, x, _dense_weight(gw, lay)),
+        (),
+        _sizes(x.shape, shape, stride, padding, dilation),
+    )
+    return gw
+
+
+def _generator(gen_weight: Tensor, gen_bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """gen_weight as a dense (K*K*G, R) matrix and gen_bias as a dense vector."""
+    return gen_weight.reshape(gen_weight.shape[0], -1).contiguous(), gen_bias.contiguous()
+
+
+def _fused_sizes(x: Tensor, reduced: Tensor, M: int, K: int, stride, padding, dilation):
+    N, C, H, W = x.shape
+    return (
+        N,
+        C,
+        M // (K * K),
+        H,
+        W,
+        reduced.shape[2],
+        reduced.shape[3],
+        K,
+        stride,
+        padding,
+        dilation,
+    )
+
+
+def fused_forward(
+    x: Tensor,
+    reduced: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    """Involution with weights generated from ``reduced`` inside the kernel; out in x's layout."""
+    lay = layout(x)
+    N, C = x.shape[:2]
+    out = _empty_map((N, C, reduced.shape[2], reduced.shape[3]), lay, x)
+    if _empty_inputs(out, x):
+        return out.zero_()
+    A, b = _generator(gen_weight, gen_bias)
+    sizes = _fused_sizes(x, reduced, A.shape[0], kernel_size, stride, padding, dilation)
+    x, red = _dense_map(x, lay), _dense_map(reduced, lay)
+    _call("fused_forward", lay, (x, red, A, b, out), (red.shape[1],), sizes)
+    return out
+
+
+def fused_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    reduced: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. x, reduced, gen_weight (its shape), gen_bias; regenerates the weights."""
+    lay = layout(x)
+    A, b = _generator(gen_weight, gen_bias)
+    gx, gred = _empty_map(x.shape, lay, x), _empty_map(reduced.shape, lay, reduced)
+    gA, gb = torch.zeros_like(A), torch.zeros_like(b)
+    if _empty_inputs(x, reduced):
+        return gx.zero_(), gred.zero_(), gA.view_as(gen_weight), gb
+    sizes = _fused_sizes(x, reduced, A.shape[0], kernel_size, stride, padding, dilation)
+    go, x, red = _dense_map(grad_out, lay), _dense_map(x, lay), _dense_map(reduced, lay)
+    _call("fused_backward", lay, (go, x, red, A, b, gx, gred, gA, gb), (red.shape[1],), sizes)
+    return gx, gred, gA.view_as(gen_weight), gb

@@ -22,7 +22,7 @@ How PyTorch sees it:
 
 import contextlib
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,7 +30,9 @@ from torch import Tensor
 from . import cpu_kernel
 
 __all__ = [
+    "generate_weights",
     "involution",
+    "involution_fused",
     "involution_output_size",
     "involution_pytorch",
     "pure_pytorch_trace",
@@ -88,37 +90,44 @@ def _dims(t: Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_tensors(op: str, tensors: Dict[str, Tensor]) -> None:
+    """Types, dtypes and devices of the op's tensor arguments (same device, same dtype)."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in tensors.items():
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{op}: {name} has dtype {t.dtype}; expected one of "
+                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
+            )
+    (first, x), *others = tensors.items()
+    for name, t in others:
+        if x.device != t.device:
+            raise ValueError(
+                f"{op}: {first} and {name} must be on the same device, got {first} on {x.device} "
+                f"and {name} on {t.device}"
+            )
+    autocasting = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
+    for name, t in others:
+        if x.dtype != t.dtype and not autocasting:
+            raise TypeError(
+                f"{op}: {first} and {name} must have the same dtype, got {first} {x.dtype} and "
+                f"{name} {t.dtype}"
+            )
+
+
 def _check_args(
     x: Tensor, weight: Tensor, stride: int, padding: Optional[int], dilation: int
 ) -> Tuple[int, int, int]:
     """Validate the inputs at the boundary; returns (stride, padding, dilation) with padding set."""
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"involution: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_tensors("involution", {"x": x, "weight": weight})
     if x.dim() != 4:
         raise ValueError(f"involution: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 6:
         raise ValueError(
             f"involution: weight must be 6-D (N, G, K, K, Ho, Wo), got shape {tuple(weight.shape)}"
         )
-    for name, t in (("x", x), ("weight", weight)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"involution: {name} has dtype {t.dtype}; expected one of "
-                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-            )
-    if x.device != weight.device:
-        raise ValueError(
-            f"involution: x and weight must be on the same device, got x on {x.device} and "
-            f"weight on {weight.device}"
-        )
-    autocasting = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
-    if x.dtype != weight.dtype and not autocasting:
-        raise TypeError(
-            f"involution: x and weight must have the same dtype, got x {x.dtype} and "
-            f"weight {weight.dtype}"
-        )
-    N, C, H, W = _dims(x)
     Nw, G, K, K2, Ho, Wo = _dims(weight)
     if K != K2 or K < 1 or K % 2 == 0:
         raise ValueError(
@@ -128,14 +137,26 @@ def _check_args(
     stride = _check_int("stride", stride, 1)
     dilation = _check_int("dilation", dilation, 1)
     padding = _check_int("padding", dilation * (K - 1) // 2 if padding is None else padding, 0)
+    groups = f"the groups of weight ({G}, shape {tuple(weight.shape)})"
+    _check_geometry(x, K, G, groups, ("weight", Nw, Ho, Wo, weight), stride, padding, dilation)
+    return stride, padding, dilation
+
+
+def _check_geometry(
+    x: Tensor, K: int, G: int, groups: str, kernels: tuple, stride: int, padding: int, dilation: int
+) -> None:
+    """x against G groups (described by ``groups``) and a kernel grid ``kernels`` = (name, batch,
+    height, width, tensor) for kernel size K and the given stride, padding and dilation."""
+    name, Nw, Ho, Wo, t = kernels
+    N, C, H, W = _dims(x)
     if G < 1 or C % G != 0:
         raise ValueError(
             f"involution: the channels of x ({C}, shape {tuple(x.shape)}) must be divisible by "
-            f"the groups of weight ({G}, shape {tuple(weight.shape)})"
+            f"{groups}"
         )
     if Nw != N:
         raise ValueError(
-            f"involution: batch size of weight ({Nw}, shape {tuple(weight.shape)}) does not match "
+            f"involution: batch size of {name} ({Nw}, shape {tuple(t.shape)}) does not match "
             f"x ({N}, shape {tuple(x.shape)})"
         )
     exp_h = involution_output_size(H, K, stride, padding, dilation)
@@ -147,11 +168,10 @@ def _check_args(
         )
     if (Ho, Wo) != (exp_h, exp_w):
         raise ValueError(
-            f"involution: weight spatial size ({Ho}, {Wo}) (shape {tuple(weight.shape)}) does not "
+            f"involution: {name} spatial size ({Ho}, {Wo}) (shape {tuple(t.shape)}) does not "
             f"match the output size ({exp_h}, {exp_w}) of x with shape {tuple(x.shape)}, K={K}, "
             f"stride={stride}, padding={padding}, dilation={dilation}"
         )
-    return stride, padding, dilation
 
 
 def involution(
@@ -234,7 +254,9 @@ def _pytorch_grad_weight(
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels per device. fp16/bf16 on the CPU run the fp32 C++ kernel (fp32 accumulation).
+# Kernels per device. fp16/bf16 on the CPU run the fp32 C++ kernel (fp32 accumulation). On CPU
+# tensors every output keeps the layout of the feature map it is computed from (NCHW or
+# channels_last, ``cpu_kernel.layout``); the CUDA kernels return NCHW tensors.
 
 
 def _cpu_kernel_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
@@ -243,37 +265,52 @@ def _cpu_kernel_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _kernel_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The C++ kernel's dtype for t, or None where it does not run (not on the CPU, not built)."""
+    return _cpu_kernel_dtype(t.dtype) if t.device.type == "cpu" else None
+
+
+def _layout(t: Tensor) -> str:
+    """The layout of the outputs computed from feature map t (see above)."""
+    return cpu_kernel.layout(t) if t.device.type == "cpu" else "nchw"
+
+
+def _as_map_of(out: Tensor, like: Tensor) -> Tensor:
+    return out.contiguous(memory_format=cpu_kernel.memory_format(_layout(like)))
+
+
+def _as_weight_of(gw: Tensor, like: Tensor) -> Tensor:
+    lay = _layout(like)
+    return gw if lay == "nchw" else cpu_kernel.empty_weight(gw.shape, lay, gw).copy_(gw)
+
+
 def _forward_default(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    kdt = _cpu_kernel_dtype(x.dtype) if x.device.type == "cpu" else None
+    kdt = _kernel_dtype(x)
     if kdt is None:
-        return involution_pytorch(x, weight, stride, padding, dilation)
-    out = cpu_kernel.forward(
-        x.to(kdt).contiguous(), weight.to(kdt).contiguous(), stride, padding, dilation
-    )
+        return _as_map_of(involution_pytorch(x, weight, stride, padding, dilation), x)
+    out = cpu_kernel.forward(x.to(kdt), weight.to(kdt), stride, padding, dilation)
     return out.to(x.dtype)
 
 
 def _grad_input_default(
     grad_out: Tensor, weight: Tensor, H: int, W: int, stride: int, padding: int, dilation: int
 ) -> Tensor:
-    kdt = _cpu_kernel_dtype(grad_out.dtype) if grad_out.device.type == "cpu" else None
+    kdt = _kernel_dtype(grad_out)
     if kdt is None:
-        return _pytorch_grad_input(grad_out, weight, H, W, stride, padding, dilation)
-    gx = cpu_kernel.grad_input(
-        grad_out.to(kdt).contiguous(), weight.to(kdt).contiguous(), H, W, stride, padding, dilation
-    )
+        gx = _pytorch_grad_input(grad_out, weight, H, W, stride, padding, dilation)
+        return _as_map_of(gx, grad_out)
+    gx = cpu_kernel.grad_input(grad_out.to(kdt), weight.to(kdt), H, W, stride, padding, dilation)
     return gx.to(grad_out.dtype)
 
 
 def _grad_weight_default(
     grad_out: Tensor, x: Tensor, G: int, K: int, stride: int, padding: int, dilation: int
 ) -> Tensor:
-    kdt = _cpu_kernel_dtype(grad_out.dtype) if grad_out.device.type == "cpu" else None
+    kdt = _kernel_dtype(x)
     if kdt is None:
-        return _pytorch_grad_weight(grad_out, x, G, K, stride, padding, dilation)
-    gw = cpu_kernel.grad_weight(
-        grad_out.to(kdt).contiguous(), x.to(kdt).contiguous(), G, K, stride, padding, dilation
-    )
+        gw = _pytorch_grad_weight(grad_out, x, G, K, stride, padding, dilation)
+        return _as_weight_of(gw, x)
+    gw = cpu_kernel.grad_weight(grad_out.to(kdt), x.to(kdt), G, K, stride, padding, dilation)
     return gw.to(grad_out.dtype)
 
 
@@ -377,7 +414,7 @@ def _grad_weight_cuda(
 
 @_involution_op.register_fake
 def _involution_fake(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    return x.new_empty((x.shape[0], x.shape[1], weight.shape[4], weight.shape[5]))
+    return _as_map_of(x.new_empty((x.shape[0], x.shape[1], weight.shape[4], weight.shape[5])), x)
 
 
 @_grad_input_op.register_fake
@@ -390,7 +427,8 @@ def _grad_input_fake(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
+    gx = grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
+    return _as_map_of(gx, grad_out)
 
 
 @_grad_weight_op.register_fake
@@ -404,7 +442,8 @@ def _grad_weight_fake(
     dilation: int,
 ) -> Tensor:
     N, _, Ho, Wo = grad_out.shape
-    return grad_out.new_empty((N, groups, kernel_size, kernel_size, Ho, Wo))
+    shape = (N, groups, kernel_size, kernel_size, Ho, Wo)
+    return cpu_kernel.empty_weight(shape, _layout(x), grad_out)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -426,24 +465,210 @@ def _backward(ctx, grad_out: Tensor):
 _involution_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _register_autocast(device_type: str) -> None:
-    """Under autocast, cast both inputs to the autocast dtype (not a fixed one) and run the op."""
+# ---------------------------------------------------------------------------------------------
+# Fused kernel generation: ``involution_fused(x, reduced, gen_weight, gen_bias, kernel_size)``
+# equals ``involution(x, weight)`` with weight = the 1x1 convolution (gen_weight, gen_bias) of
+# reduced, reshaped to (N, G, K, K, Ho, Wo); the C++ kernels compute those weights inside the
+# aggregation (per image and group, in a per-thread scratch) and never write them into a tensor;
+# the backward regenerates them.
+
+
+def _check_fused_args(
+    x: Tensor,
+    reduced: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor,
+    kernel_size: int,
+    stride: int,
+    padding: Optional[int],
+    dilation: int,
+) -> Tuple[int, int, int]:
+    """Validate the fused op's inputs; returns (stride, padding, dilation) with padding set."""
+    op = "involution_fused"
+    tensors = {"x": x, "reduced": reduced, "gen_weight": gen_weight, "gen_bias": gen_bias}
+    _check_tensors(op, tensors)
+    for name, t, dims in (("x", x, "(N, C, H, W)"), ("reduced", reduced, "(N, R, Ho, Wo)")):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D {dims}, got shape {tuple(t.shape)}")
+    K = _check_int("kernel_size", kernel_size, 1)
+    if K % 2 == 0:
+        raise ValueError(f"{op}: kernel_size must be a positive odd int, got {K}")
+    R = _dims(reduced)[1]
+    M = _dims(gen_weight)[0] if gen_weight.dim() > 0 else 0
+    if tuple(_dims(gen_weight)) not in ((M, R), (M, R, 1, 1)) or M == 0 or M % (K * K) != 0:
+        raise ValueError(
+            f"{op}: gen_weight must be (K*K*G, R) or (K*K*G, R, 1, 1) with K={K} and R={R} "
+            f"(the channels of reduced), got shape {tuple(gen_weight.shape)}"
+        )
+    if tuple(_dims(gen_bias)) != (M,):
+        raise ValueError(
+            f"{op}: gen_bias must have shape ({M},) (one per generated weight), got "
+            f"{tuple(gen_bias.shape)}"
+        )
+    stride = _check_int("stride", stride, 1)
+    dilation = _check_int("dilation", dilation, 1)
+    padding = _check_int("padding", dilation * (K - 1) // 2 if padding is None else padding, 0)
+    G = M // (K * K)
+    groups = f"the groups of gen_weight ({G} = {M} / K^2, shape {tuple(gen_weight.shape)})"
+    N, _, Ho, Wo = _dims(reduced)
+    kernels = ("reduced", N, Ho, Wo, reduced)
+    _check_geometry(x, K, G, groups, kernels, stride, padding, dilation)
+    return stride, padding, dilation
+
+
+def generate_weights(
+    reduced: Tensor, gen_weight: Tensor, gen_bias: Tensor, kernel_size: int
+) -> Tensor:
+    """The (N, G, K, K, Ho, Wo) weights the fused op generates: a 1x1 convolution of reduced."""
+    M, R = gen_weight.shape[0], reduced.shape[1]
+    w = torch.nn.functional.conv2d(reduced, gen_weight.reshape(M, R, 1, 1), gen_bias)
+    N, _, Ho, Wo = _dims(w)
+    # reshape, not view: under channels_last the generated kernels are not NCHW-contiguous.
+    return w.reshape(N, M // (kernel_size * kernel_size), kernel_size, kernel_size, Ho, Wo)
+
+
+def involution_fused(
+    x: Tensor,
+    reduced: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor,
+    kernel_size: int,
+    stride: int = 1,
+    padding: Optional[int] = None,
+    dilation: int = 1,
+) -> Tensor:
+    """Involution with fused kernel generation. x: (N, C, H, W); reduced: (N, R, Ho, Wo) (the
+    kernel generator's reduced features); gen_weight: (K*K*G, R) or (K*K*G, R, 1, 1) and gen_bias
+    (K*K*G,): the generator's last 1x1 convolution. Returns (N, C, Ho, Wo).
+
+    Equals ``involution(x, generate_weights(reduced, gen_weight, gen_bias, kernel_size))``,
+    differentiable in all four tensors. On CPU tensors the C++ kernels generate the weights inside
+    the aggregation; elsewhere (CUDA: no fused kernel yet), when the C++ kernel is unavailable,
+    and in ONNX export or :func:`pure_pytorch_trace`, it runs exactly that unfused computation.
+    """
+    stride, padding, dilation = _check_fused_args(
+        x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation
+    )
+    if _record_pure_path():
+        weight = generate_weights(reduced, gen_weight, gen_bias, kernel_size)
+        return involution_pytorch(x, weight, stride, padding, dilation)
+    if x.device.type != "cpu":
+        weight = generate_weights(reduced, gen_weight, gen_bias, kernel_size)
+        return torch.ops.d2_involution.involution(x, weight, stride, padding, dilation)
+    return torch.ops.d2_involution.involution_fused(
+        x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation
+    )
+
+
+@torch.library.custom_op("d2_involution::involution_fused", mutates_args=())
+def _fused_op(
+    x: Tensor,
+    reduced: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> Tensor:
+    kdt = _kernel_dtype(x)
+    if kdt is None:
+        weight = generate_weights(reduced, gen_weight, gen_bias, kernel_size)
+        return _as_map_of(_involution_op(x, weight, stride, padding, dilation), x)
+    args = (t.to(kdt) for t in (x, reduced, gen_weight, gen_bias))
+    out = cpu_kernel.fused_forward(*args, kernel_size, stride, padding, dilation)
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("d2_involution::involution_fused_backward", mutates_args=())
+def _fused_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    reduced: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+) -> List[Tensor]:
+    kdt = _kernel_dtype(x)
+    geometry = (stride, padding, dilation)
+    if kdt is None:
+        grads = _fused_backward_unfused(
+            grad_out, x, reduced, gen_weight, gen_bias, kernel_size, geometry
+        )
+    else:
+        args = (t.to(kdt) for t in (grad_out, x, reduced, gen_weight, gen_bias))
+        grads = cpu_kernel.fused_backward(*args, kernel_size, *geometry)
+    gx, gred, gA, gb = (g.to(t.dtype) for g, t in zip(grads, (x, reduced, gen_weight, gen_bias)))
+    return [_as_map_of(gx, x), _as_map_of(gred, x), gA.contiguous(), gb.contiguous()]
+
+
+def _fused_backward_unfused(grad_out, x, reduced, gen_weight, gen_bias, K, geometry):
+    """The fused op's gradients through the unfused ops (devices without a fused kernel)."""
+    weight = generate_weights(reduced, gen_weight, gen_bias, K)
+    N, G, _, _, Ho, Wo = weight.shape
+    M, R = G * K * K, reduced.shape[1]
+    gx = _grad_input_op(grad_out, weight, x.shape[2], x.shape[3], *geometry)
+    gw = _grad_weight_op(grad_out, x, G, K, *geometry).reshape(N, M, Ho, Wo)
+    acc = torch.promote_types(gw.dtype, torch.float32)
+    gw, red, A = gw.to(acc), reduced.to(acc), gen_weight.reshape(M, R).to(acc)
+    gred = torch.einsum("nmij,mr->nrij", gw, A)
+    gA = torch.einsum("nmij,nrij->mr", gw, red).reshape(gen_weight.shape)
+    return gx, gred, gA, gw.sum((0, 2, 3))
+
+
+@_fused_op.register_fake
+def _fused_fake(x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation):
+    N, C = x.shape[:2]
+    return _as_map_of(x.new_empty((N, C, reduced.shape[2], reduced.shape[3])), x)
+
+
+@_fused_backward_op.register_fake
+def _fused_backward_fake(grad_out, x, reduced, gen_weight, gen_bias, *args):
+    return [
+        _as_map_of(torch.empty_like(x), x),
+        _as_map_of(torch.empty_like(reduced), x),
+        torch.empty_like(gen_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(gen_bias, memory_format=torch.contiguous_format),
+    ]
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:4])
+    ctx.geometry = inputs[4:]
+
+
+def _fused_backward(ctx, grad_out: Tensor):
+    grads = _fused_backward_op(grad_out, *ctx.saved_tensors, *ctx.geometry)
+    return (*grads, None, None, None, None)
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+def _register_autocast(op_name: str, device_type: str) -> None:
+    """Under autocast, cast the floating inputs to the autocast dtype (not a fixed one) and run the
+    op."""
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     key = getattr(torch._C.DispatchKey, key_name)
-    op = torch.ops.d2_involution.involution.default
+    op = getattr(torch.ops.d2_involution, op_name).default
 
-    def cast(t: Tensor) -> Tensor:
+    def cast(t):
         dtype = torch.get_autocast_dtype(device_type)
-        return t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        floating = (torch.float32, torch.float16, torch.bfloat16)
+        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in floating else t
 
-    def run(x, weight, stride, padding, dilation):
+    def run(*args):
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(cast(x), cast(weight), stride, padding, dilation)
+            return op(*(cast(a) for a in args))
 
     op.py_impl(key)(run)
-    _LIB.impl("involution", lambda _keyset, *args: run(*args), key_name, with_keyset=True)
+    _LIB.impl(op_name, lambda _keyset, *args: run(*args), key_name, with_keyset=True)
 
 
 _LIB = torch.library.Library("d2_involution", "IMPL")
-for _device in _AUTOCAST_DEVICES:
-    _register_autocast(_device)
+for _op_name in ("involution", "involution_fused"):
+    for _device in _AUTOCAST_DEVICES:
+        _register_autocast(_op_name, _device)
