@@ -151,13 +151,120 @@ def test_bad_arguments(kwargs, match):
 def test_flop_count_with_fvcore():
     fvcore_nn = pytest.importorskip("fvcore.nn", reason="fvcore is not installed")
     N, C, K, H, W = 2, 32, 7, 9, 11
-    m = Involution(C, K, stride=2).eval()
     x = torch.randn(N, C, H, W)
-    plain = fvcore_nn.FlopCountAnalysis(m, (x,))
-    plain.unsupported_ops_warnings(False)
-    plain.total()
-    assert "d2_involution::involution" in plain.unsupported_ops()
-    analysis = add_involution_flop_handles(fvcore_nn.FlopCountAnalysis(m, (x,)))
-    analysis.unsupported_ops_warnings(False)
-    Ho, Wo = (H + 1) // 2, (W + 1) // 2
-    assert analysis.by_operator()["involution"] == N * K * K * C * Ho * Wo
+    totals = {}
+    for fused in (False, True):
+        m = Involution(C, K, stride=2, fused=fused).eval()
+        op = "involution_fused" if fused else "involution"
+        plain = fvcore_nn.FlopCountAnalysis(m, (x,))
+        plain.unsupported_ops_warnings(False)
+        plain.total()
+        assert f"d2_involution::{op}" in plain.unsupported_ops()
+        analysis = add_involution_flop_handles(fvcore_nn.FlopCountAnalysis(m, (x,)))
+        analysis.unsupported_ops_warnings(False)
+        Ho, Wo = (H + 1) // 2, (W + 1) // 2
+        generation = N * (K * K * m.groups) * (C // 4) * Ho * Wo
+        expected = N * K * K * C * Ho * Wo + (generation if fused else 0)
+        assert analysis.by_operator()[op] == expected
+        totals[fused] = analysis.total()
+    assert totals[True] == totals[False]  # the unfused count has the generating conv instead
+
+
+# (Involution kwargs, input height and width)
+FUSED_CONFIGS = [
+    (dict(channels=32, kernel_size=7, stride=1, group_channels=16), (12, 10)),
+    (dict(channels=32, kernel_size=3, stride=2, group_channels=8), (9, 11)),
+    (dict(channels=24, kernel_size=5, stride=2, group_channels=8, dilation=2), (13, 12)),
+    (dict(channels=16, kernel_size=3, stride=3, group_channels=4), (10, 7)),
+    (dict(channels=64, kernel_size=7, stride=1, group_channels=16, dilation=2), (15, 15)),
+]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("kwargs,size", FUSED_CONFIGS, ids=[f"cfg{i}" for i in range(5)])
+def test_fused_equals_unfused(layout, kwargs, size):
+    """fused=True and fused=False: same output, input gradient and parameter gradients (float64,
+    training mode, so the norm's batch statistics are part of the graph)."""
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    m = randomize(Involution(**kwargs, fused=False)).double().to(memory_format=fmt)
+    x = torch.randn(2, kwargs["channels"], *size, dtype=torch.float64)
+    x = x.contiguous(memory_format=fmt).requires_grad_()
+    results = []
+    for fused in (False, True):
+        m.fused = fused
+        out = m(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])
+        results.append((out, *grads))
+    assert results[0][0].shape == (
+        2,
+        kwargs["channels"],
+        *[-(-n // kwargs["stride"]) for n in size],
+    )
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _fused_module() -> Involution:
+    return randomize(Involution(16, 3, stride=2, group_channels=8, fused=True))
+
+
+def test_fused_layer_torch_compile_aot_eager():
+    torch._dynamo.reset()
+    m = _fused_module()
+    x = torch.randn(2, 16, 9, 8, requires_grad=True)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    out, ref = compiled(x), m(x)
+    torch.testing.assert_close(out, ref)
+    params = [m.conv1.conv.weight, m.conv2.conv.weight, m.conv2.conv.bias]
+    for a, b in zip(
+        torch.autograd.grad(out.square().sum(), [x, *params]),
+        torch.autograd.grad(ref.square().sum(), [x, *params]),
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_layer_torch_export_has_one_fused_node():
+    m = _fused_module().eval()
+    x = torch.randn(2, 16, 10, 8)
+    exported = torch.export.export(m, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    ops = torch.ops.d2_involution
+    assert targets.count(ops.involution_fused.default) == 1
+    assert ops.involution.default not in targets
+    torch.testing.assert_close(exported.module()(x), m(x))
+
+
+def test_fused_layer_pure_pytorch_trace_has_no_custom_op():
+    from d2_involution.ops import pure_pytorch_trace
+
+    m = _fused_module().eval()
+    x = torch.randn(2, 16, 10, 8)
+    with pure_pytorch_trace():
+        traced = torch.jit.trace(m, (x,))
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert not any(k.startswith("d2_involution::") for k in kinds), kinds
+    torch.testing.assert_close(traced(x), m(x))
+
+
+@pytest.mark.parametrize("channels,fuses", [(64, True), (128, True), (256, False)])
+def test_fused_default_where_measured_faster(channels, fuses, monkeypatch):
+    """fused=None fuses up to FUSE_MAX_CHANNELS channels on CPU; fused=False never does."""
+    import d2_involution.layers.involution as layer_module
+
+    calls = []
+    real = layer_module.involution_fused
+    monkeypatch.setattr(
+        layer_module, "involution_fused", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    x = torch.randn(1, channels, 6, 6)
+    Involution(channels, 3).eval()(x)
+    assert bool(calls) == fuses
+    calls.clear()
+    Involution(channels, 3, fused=False).eval()(x)
+    assert not calls
+    assert "fused=None" in repr(Involution(channels, 3))
+
+
+def test_fused_argument_checked():
+    with pytest.raises(ValueError, match="fused must be None, True or False, got 'yes'"):
+        Involution(32, 3, fused="yes")

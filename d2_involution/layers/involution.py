@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import involution
+from ..ops import involution, involution_fused
 from .norm import get_norm
 
 
@@ -37,7 +37,8 @@ class ConvNormAct(nn.Module):
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)
-        return torch.relu(x) if self.activation else x
+        # In place: x is this module's own new tensor (the norm's or the conv's output).
+        return torch.relu_(x) if self.activation else x
 
 
 class Involution(nn.Module):
@@ -49,6 +50,13 @@ class Involution(nn.Module):
     kernels but produces ceil(H/s) outputs; here the pooling uses ``ceil_mode=True`` so the kernel
     grid always equals the output grid (the last row/column averages the pixels that exist). For
     even sizes this is exactly the official computation.
+
+    ``fused``: compute the K*K*G weights inside the aggregation from conv1's output
+    (``ops.involution_fused`` with conv2's weight and bias), so that they are never stored in a
+    tensor; the backward regenerates them. The parameters are the same (``conv2.conv.weight`` /
+    ``bias``), so checkpoints do not change. ``None`` (default) fuses where it was measured to be
+    faster (:func:`fuse_by_default`); ``False`` always runs the unfused path (for checking).
+    On CUDA tensors the unfused path always runs: there is no fused CUDA kernel yet.
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class Involution(nn.Module):
         reduction_ratio: int = 4,
         norm: str = "BN",
         dilation: int = 1,
+        fused: Optional[bool] = None,
     ):
         super().__init__()
         if dilation < 1:
@@ -80,6 +89,9 @@ class Involution(nn.Module):
                 f"Involution: reduction_ratio must be in [1, channels={channels}], "
                 f"got {reduction_ratio}"
             )
+        if fused not in (None, True, False):
+            raise ValueError(f"Involution: fused must be None, True or False, got {fused!r}")
+        self.fused = fused
         self.channels = channels
         self.kernel_size = kernel_size
         self.stride = stride
@@ -100,12 +112,23 @@ class Involution(nn.Module):
             raise ValueError(
                 f"Involution: expected input (N, {self.channels}, H, W), got {tuple(x.shape)}"
             )
-        weight = self.conv2(self.conv1(self._pool(x)))
-        N, _, Ho, Wo = weight.shape
+        reduced = self.conv1(self._pool(x))
         K = self.kernel_size
+        if self._fuse(x):
+            conv = self.conv2.conv
+            return involution_fused(
+                x, reduced, conv.weight, conv.bias, K, stride=self.stride, dilation=self.dilation
+            )
+        weight = self.conv2(reduced)
+        N, _, Ho, Wo = weight.shape
         # reshape, not view: under channels_last the generated kernels are not NCHW-contiguous.
         weight = weight.reshape(N, self.groups, K, K, Ho, Wo)
         return involution(x, weight, stride=self.stride, dilation=self.dilation)
+
+    def _fuse(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or self.fused is False:
+            return False
+        return self.fused or fuse_by_default(self.channels)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """``self.avgpool`` (ceil_mode). Under torch.compile, for sizes not divisible by the
@@ -124,5 +147,17 @@ class Involution(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"dilation={self.dilation}, groups={self.groups}"
+            f"dilation={self.dilation}, groups={self.groups}, fused={self.fused}"
         )
+
+
+#: ``fused=None`` fuses up to this many channels: the fused CPU kernel regenerates the weights
+#: with its own small matrix products (K*K*G x C/4 per pixel, growing as C^2), which beat the
+#: unfused 1x1 convolution plus the weight tensor's memory traffic at 64 channels and tie at 128,
+#: but lose from 256 channels on (docs/benchmarks.md, tools/benchmark_involution.py --layer).
+FUSE_MAX_CHANNELS = 128
+
+
+def fuse_by_default(channels: int) -> bool:
+    """Whether ``Involution(fused=None)`` fuses kernel generation (CPU tensors) at ``channels``."""
+    return channels <= FUSE_MAX_CHANNELS

@@ -10,13 +10,21 @@
 
 It counts K*K*C*Ho*Wo multiply-adds per image (fvcore's convention: one multiply-add is one flop,
 as for convolutions). The backward ops are counted the same way if a trace ever contains them.
+The fused op (``involution_fused``) also counts its kernel generation, K*K*G*R*Ho*Wo, so that a
+model has the same total fused or not (fvcore counts that 1x1 convolution when it is unfused).
 """
 
 from typing import Any, Callable, Dict, List
 
-__all__ = ["involution_flop_jit", "involution_flop_handles", "add_involution_flop_handles"]
+__all__ = [
+    "involution_flop_jit",
+    "involution_fused_flop_jit",
+    "involution_flop_handles",
+    "add_involution_flop_handles",
+]
 
 OP_NAME = "d2_involution::involution"
+FUSED_OP_NAME = "d2_involution::involution_fused"
 
 
 def _shape(value: Any) -> List[int]:
@@ -32,9 +40,17 @@ def involution_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return N * C * Ho * Wo * K * K
 
 
+def involution_fused_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """fvcore handle of the fused op: the aggregation plus the generating 1x1 convolution."""
+    N, C, Ho, Wo = _shape(outputs[0])
+    M, R = _shape(inputs[2])[:2]
+    K = int(inputs[4].toIValue())
+    return N * C * Ho * Wo * K * K + N * M * R * Ho * Wo
+
+
 def involution_flop_handles() -> Dict[str, Callable]:
     """``{op name: handle}`` for ``FlopCountAnalysis.set_op_handle(**...)``-style registration."""
-    return {OP_NAME: involution_flop_jit}
+    return {OP_NAME: involution_flop_jit, FUSED_OP_NAME: involution_fused_flop_jit}
 
 
 def add_involution_flop_handles(analysis: Any) -> Any:
