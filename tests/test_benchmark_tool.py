@@ -55,3 +55,36 @@ def test_bad_arguments_are_named():
         benchmark.run(
             ["resnet50_cls"], torch.device("cpu"), ["fp8"], [False], 1, 1, 32, (64, 64), 0, 1
         )
+
+
+def test_rounds_are_combined_per_configuration():
+    def result(model, ips, peak, note=""):
+        return benchmark.Result(
+            model, "none", "contiguous", 2, "32x32", 1.0, ips, peak, 2 * ips, 3 * ips, peak, note
+        )
+
+    rounds = [
+        result("a", 1.0, 10),
+        result("b", 5.0, 1),
+        result("a", 3.0, 30, "slow"),
+        result("b", 7.0, 2),
+        result("a", 2.0, 20),
+    ]
+    a, b = benchmark.combine_rounds(rounds)
+    assert (a.model, a.train_ips, a.infer_b1_ms, a.train_peak_mib) == ("a", 2.0, 4.0, 30)
+    assert a.note == "median of 3 rounds; slow"
+    assert (b.model, b.train_ips, b.infer_ips, b.note) == ("b", 6.0, 18.0, "median of 2 rounds")
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        benchmark.run(
+            ["resnet50_cls"],
+            torch.device("cpu"),
+            ["none"],
+            [False],
+            1,
+            1,
+            32,
+            (64, 64),
+            0,
+            1,
+            rounds=0,
+        )

@@ -350,18 +350,45 @@ def run(
     warmup: int,
     iters: int,
     on_result: Optional[Callable[[Result], None]] = None,
+    rounds: int = 1,
 ) -> List[Result]:
-    """All configurations, one model at a time.
+    """All configurations, one model at a time; with ``rounds`` > 1 all of them ``rounds`` times in
+    turn, and each row is the median over the rounds (see :func:`combine_rounds`), so that a change
+    of load on a shared machine hits every configuration alike. ``on_result`` gets every single
+    measurement.
 
     A configuration that fails (out of memory, a kernel that does not compile) becomes a row with
     the error in ``note`` (traceback on stderr), so that one GPU run always yields a full table.
     """
+    if rounds < 1:
+        raise ValueError(f"run: rounds must be >= 1, got {rounds}")
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"run: models must be among {sorted(MODELS)}, got unknown {unknown}")
     bad_amp = [a for a in amps if a not in AMP_DTYPES]
     if bad_amp:
         raise ValueError(f"run: amp modes must be among {sorted(AMP_DTYPES)}, got {bad_amp}")
+    results = []
+    for _ in range(rounds):
+        results += _run_round(
+            models,
+            device,
+            amps,
+            layouts,
+            batch,
+            det_batch,
+            image_size,
+            det_size,
+            warmup,
+            iters,
+            on_result,
+        )
+    return combine_rounds(results)
+
+
+def _run_round(
+    models, device, amps, layouts, batch, det_batch, image_size, det_size, warmup, iters, on_result
+) -> List[Result]:
     results = []
     for name in models:
         is_cls = MODELS[name][0] == "cls"
@@ -393,6 +420,30 @@ def run(
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
+
+
+def combine_rounds(results: Sequence[Result]) -> List[Result]:
+    """One row per configuration (first-seen order): the median of its throughputs and latency,
+    the largest of its peaks, and the notes of its rounds; ``note`` says how many rounds."""
+    groups: Dict[Tuple[str, str, str], List[Result]] = {}
+    for r in results:
+        groups.setdefault((r.model, r.amp, r.layout), []).append(r)
+    combined = []
+    for rows in groups.values():
+        if len(rows) == 1:
+            combined.append(rows[0])
+            continue
+        out = Result(**{**asdict(rows[0]), "note": ""})
+        for key in ("train_ips", "infer_b1_ms", "infer_ips"):
+            values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
+            setattr(out, key, statistics.median(values) if values else None)
+        for key in ("train_peak_mib", "infer_peak_mib"):
+            values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
+            setattr(out, key, max(values) if values else None)
+        notes = sorted({r.note for r in rows if r.note})
+        out.note = "; ".join([f"median of {len(rows)} rounds", *notes])
+        combined.append(out)
+    return combined
 
 
 def environment(device: torch.device, argv: Sequence[str]) -> Dict[str, str]:
@@ -458,6 +509,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure all configurations this many times in turn"
+    )
     parser.add_argument("--output", default="", help="write OUTPUT.md and OUTPUT.json")
     return parser
 
@@ -484,7 +538,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         )
         done.append(result)
         if output:
-            _write(output, env, done)
+            _write(output, env, combine_rounds(done))
 
     done: List[Result] = []
     results = run(
@@ -499,7 +553,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         args.warmup,
         args.iters,
         on_result=on_result,
+        rounds=args.rounds,
     )
+    if output:
+        _write(output, env, results)
     table = markdown_table(results, env)
     print(table)
     return table
