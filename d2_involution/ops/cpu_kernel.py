@@ -13,7 +13,8 @@ first feature-map argument (:func:`layout`): NCHW, or NHWC for channels_last ten
 channels_last model runs without layout copies. The other inputs are made dense in that layout
 (a copy only when they are not already), and the results are returned in it: feature maps
 channels_last, weights (N, G, K, K, Ho, Wo) with strides of a dense (N, Ho, Wo, G, K, K) tensor.
-Threads: ``torch.get_num_threads()``; results do not depend on it.
+Threads: ``torch.get_num_threads()`` (the library's own pool, see ``involution_cpu.cpp``); results
+do not depend on it.
 """
 
 import ctypes
@@ -54,7 +55,6 @@ _FLAGS = [
     "-pthread",
     "-fno-math-errno",
     "-ffp-contract=fast",
-    "-fopenmp",
 ]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _LAYOUTS = ("nchw", "nhwc")
@@ -95,11 +95,10 @@ def _compile(source: Path, target: Path, flags: Sequence[str]) -> None:
     cmd = [compiler, *flags, str(source), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        for optional in ("-march=native", "-fopenmp"):
-            if proc.returncode != 0:
-                # Unknown to some compilers: retry without it (-fopenmp: std::thread instead).
-                cmd.remove(optional)
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            # -march=native is unknown to some compilers: retry without it.
+            cmd.remove("-march=native")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, target)

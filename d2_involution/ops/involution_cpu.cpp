@@ -26,16 +26,18 @@
 //   group with a transposing horizontal sum over 8 taps at a time.
 // Tasks (one image and group, or one image) never write the same memory: no atomics, and every
 // sum is taken in an order fixed at compile time, so results do not depend on the thread count.
+#include <pthread.h>
+
 #include <algorithm>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -99,31 +101,79 @@ struct Geometry {
   int64_t plane_out() const { return Ho * Wo; }
 };
 
-// Runs fn(t) for t in [0, count) on up to nthreads threads, in contiguous equal chunks. Built
-// with -fopenmp, the threads are OpenMP's: loaded into PyTorch, the library resolves libgomp.so.1
-// to the one PyTorch already uses, so the kernels run on PyTorch's own thread pool instead of
-// competing with its spinning workers for the cores.
+// A persistent pool of worker threads that sleep on a condition variable between calls. They do
+// not spin: on a loaded machine a spinning pool (such as OpenMP's after each PyTorch op) is
+// served late when woken, which made the 2-thread calls several scheduler ticks slower than
+// single-threaded ones (docs/benchmarks.md). One call at a time; a concurrent or nested call
+// runs on its caller's thread alone. After fork() the child starts a new pool.
+class Pool {
+ public:
+  static Pool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { pool_ = nullptr; }); });
+    if (pool_ == nullptr) pool_ = new Pool();  // never destroyed: workers die with the process
+    return *pool_;
+  }
+
+  // Runs work(t) for t in [0, n) with t = 0 on the calling thread; returns when all are done.
+  void run(int64_t n, const std::function<void(int64_t)>& work) {
+    std::unique_lock<std::mutex> call(call_, std::try_to_lock);
+    if (!call.owns_lock() || n == 1) {
+      for (int64_t t = 0; t < n; ++t) work(t);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      while (static_cast<int64_t>(workers_.size()) < n - 1) {
+        const int64_t index = workers_.size();
+        workers_.emplace_back([this, index] { loop(index + 1); });
+        workers_.back().detach();
+      }
+      job_ = &work;
+      size_ = n;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    start_.notify_all();
+    work(0);
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop(int64_t t) {
+    int64_t seen = 0;
+    std::unique_lock<std::mutex> lock(m_);
+    for (;;) {
+      start_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (t >= size_) continue;
+      const std::function<void(int64_t)>* job = job_;
+      lock.unlock();
+      (*job)(t);
+      lock.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  static Pool* pool_;
+  std::mutex call_, m_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t size_ = 0, pending_ = 0, generation_ = 0;
+};
+Pool* Pool::pool_ = nullptr;
+
+// Runs fn(i) for i in [0, count) on up to nthreads threads of the pool, in contiguous equal
+// chunks (so which thread computes a task never changes a result).
 template <typename Fn>
 void parallel_for(int64_t count, int64_t nthreads, const Fn& fn) {
-  nthreads = std::max<int64_t>(1, std::min(nthreads, count));
-  auto work = [&](int64_t t, int64_t nt) {
-    const int64_t begin = count * t / nt, end = count * (t + 1) / nt;
-    for (int64_t i = begin; i < end; ++i) fn(i);
-  };
-  if (nthreads == 1) {
-    work(0, 1);
-    return;
-  }
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(nthreads)
-  work(omp_get_thread_num(), omp_get_num_threads());
-#else
-  std::vector<std::thread> pool;
-  pool.reserve(nthreads - 1);
-  for (int64_t t = 1; t < nthreads; ++t) pool.emplace_back(work, t, nthreads);
-  work(0, nthreads);
-  for (auto& th : pool) th.join();
-#endif
+  const int64_t n = std::max<int64_t>(1, std::min(nthreads, count));
+  Pool::get().run(n, [&](int64_t t) {
+    for (int64_t i = count * t / n; i < count * (t + 1) / n; ++i) fn(i);
+  });
 }
 
 // Per-thread scratch buffers, reused across tasks and calls (grown, never shrunk).
