@@ -204,29 +204,22 @@ def check_forward_backward(cfg: dict, dtype, layout: str = "contiguous") -> None
 
 
 LAYOUTS = ["contiguous", "channels_last"]
-
-
-@needs_cuda
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=[f"cfg{i}" for i in range(len(CONFIGS))])
-def test_cuda_matches_reference(cfg, dtype, layout):
-    check_forward_backward(cfg, dtype, layout)
-
-
+# Odd sizes with stride 2 (the kernel grid of the RedNet downsampling blocks), on top of CONFIGS.
 ODD_STRIDE2 = [
     dict(N=2, C=32, G=2, H=9, W=11, K=7, stride=2, padding=None, dilation=1),
     dict(N=1, C=48, G=3, H=15, W=13, K=3, stride=2, padding=None, dilation=2),
     dict(N=3, C=16, G=1, H=7, W=7, K=5, stride=2, padding=1, dilation=1),
     dict(N=1, C=64, G=4, H=27, W=1, K=3, stride=2, padding=None, dilation=1),
 ]
+CASES = CONFIGS + ODD_STRIDE2
+CASE_IDS = [f"cfg{i}" for i in range(len(CONFIGS))] + [f"odd{i}" for i in range(len(ODD_STRIDE2))]
 
 
 @needs_cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("cfg", ODD_STRIDE2, ids=[f"odd{i}" for i in range(len(ODD_STRIDE2))])
-def test_cuda_odd_sizes_stride2(cfg, dtype, layout):
+@pytest.mark.parametrize("cfg", CASES, ids=CASE_IDS)
+def test_cuda_matches_reference(cfg, dtype, layout):
     check_forward_backward(cfg, dtype, layout)
 
 

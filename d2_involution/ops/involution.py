@@ -213,15 +213,14 @@ def _on_cpu_kernel(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 _PYTORCH = _Kernels(_pytorch_forward, _pytorch_grad_input, _pytorch_grad_weight)
 _CPU = _Kernels(
-    *(
-        _on_cpu_kernel(f)
-        for f in (cpu_kernel.forward, cpu_kernel.grad_input, cpu_kernel.grad_weight)
-    )
+    _on_cpu_kernel(cpu_kernel.forward),
+    _on_cpu_kernel(cpu_kernel.grad_input),
+    _on_cpu_kernel(cpu_kernel.grad_weight),
 )
 _warned_no_cuda_kernels = False
 
 
-def _cuda_kernels():
+def _cuda_kernels() -> _Kernels:
     """The CuPy kernels when they can run; else warns once and returns the pure-PyTorch set."""
     global _warned_no_cuda_kernels
     from . import cuda_kernel
