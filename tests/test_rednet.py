@@ -279,7 +279,7 @@ def test_frozen_bn_norm_builds_without_trainable_norms():
     torch.testing.assert_close(model(x)["res3"], model.eval()(x)["res3"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_rednet_fpn_cuda_matches_cpu():
     from d2_involution.modeling import FPN, involution_output_block
 

@@ -103,8 +103,9 @@ class Involution(nn.Module):
         weight = self.conv2(self.conv1(self._pool(x)))
         N, _, Ho, Wo = weight.shape
         K = self.kernel_size
-        # reshape, not view: under channels_last the generated kernels are not NCHW-contiguous.
-        weight = weight.reshape(N, self.groups, K, K, Ho, Wo)
+        # A view, channels_last included (only the channel dim is split); the op makes the NCHW
+        # copy its kernels need once and keeps it for backward.
+        weight = weight.view(N, self.groups, K, K, Ho, Wo)
         return involution(x, weight, stride=self.stride, dilation=self.dilation)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""The involution operator (CUDA kernels through CuPy, a C++ CPU kernel, a pure-PyTorch path)."""
+"""The involution operator (CUDA kernels through CuPy, a C++ CPU kernel, a pure-PyTorch path).
+
+Needs only PyTorch (and CuPy for CUDA tensors); detectron2 is not imported.
+"""
 
 from .involution import (
     SUPPORTED_DTYPES,

@@ -9,9 +9,13 @@ How PyTorch sees it:
 * ``torch.ops.d2_involution.involution`` is a ``torch.library`` custom op with a fake kernel, so
   ``torch.compile`` and ``torch.export`` treat it as one opaque node. Its backward calls two more
   custom ops, ``involution_grad_input`` and ``involution_grad_weight``.
-* Kernels: CuPy/NVRTC kernels on CUDA tensors (``cuda_kernel.py``), a C++ kernel on CPU tensors
-  (``cpu_kernel.py``), and :func:`involution_pytorch` (plain tensor ops, no unfold) elsewhere or
-  when the C++ kernel cannot be built.
+* Each op checks its tensors once (``shapes.py``), so the raw ops are safe to call directly, then
+  runs one kernel set: the CuPy/NVRTC kernels on CUDA tensors (``cuda_kernel.py``), the C++ kernel
+  on CPU tensors (``cpu_kernel.py``), or plain tensor ops (no unfold) elsewhere or when those
+  cannot be built.
+* Memory format: the kernels work on NCHW. :func:`involution` passes them contiguous copies (kept
+  for backward, so nothing is copied twice) and returns the output in the memory format of ``x``
+  (channels_last in, channels_last out).
 * Autocast (CUDA and CPU): both inputs are cast to the autocast dtype and the kernel runs in it
   (accumulating in fp32); there is no silent fall-back to an fp32 op.
 * ``torch.jit.trace`` records the custom op as one node (fvcore's ``FlopCountAnalysis`` counts it
@@ -22,12 +26,20 @@ How PyTorch sees it:
 
 import contextlib
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import cpu_kernel
+from .shapes import (
+    SUPPORTED_DTYPES,
+    check_forward,
+    check_grad_input,
+    check_grad_weight,
+    dims,
+    involution_output_size,
+)
 
 __all__ = [
     "involution",
@@ -37,18 +49,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
 ]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _AUTOCAST_DEVICES = ("cuda", "cpu")
 _pure_trace_depth = 0
-
-
-def involution_output_size(
-    size: int, kernel_size: int, stride: int = 1, padding: Optional[int] = None, dilation: int = 1
-) -> int:
-    """Output extent along one axis (the convolution formula)."""
-    if padding is None:
-        padding = dilation * (kernel_size - 1) // 2
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
 @contextlib.contextmanager
@@ -71,87 +73,33 @@ def _record_pure_path() -> bool:
     return _pure_trace_depth > 0 and torch.jit.is_tracing()
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
             f"involution: {name} must be an int, got {type(value).__name__} ({value!r})"
         )
-    if value < minimum:
-        raise ValueError(f"involution: {name} must be >= {minimum}, got {value}")
     return value
 
 
-def _dims(t: Tensor) -> Tuple[int, ...]:
-    """The shape; plain ints under ``torch.jit`` tracing, where sizes are otherwise traced."""
-    if torch.jit.is_tracing():
-        return tuple(int(d) for d in t.shape)
-    return tuple(t.shape)
-
-
-def _check_args(
+def _resolve_args(
     x: Tensor, weight: Tensor, stride: int, padding: Optional[int], dilation: int
 ) -> Tuple[int, int, int]:
-    """Validate the inputs at the boundary; returns (stride, padding, dilation) with padding set."""
+    """The Python-level arguments: tensors, ints, and padding=None made the "same" padding.
+
+    Shapes, dtypes and devices are checked once, by the op itself (``shapes.check_forward``).
+    """
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"involution: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"involution: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if weight.dim() != 6:
-        raise ValueError(
-            f"involution: weight must be 6-D (N, G, K, K, Ho, Wo), got shape {tuple(weight.shape)}"
-        )
-    for name, t in (("x", x), ("weight", weight)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"involution: {name} has dtype {t.dtype}; expected one of "
-                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-            )
-    if x.device != weight.device:
-        raise ValueError(
-            f"involution: x and weight must be on the same device, got x on {x.device} and "
-            f"weight on {weight.device}"
-        )
-    autocasting = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
-    if x.dtype != weight.dtype and not autocasting:
-        raise TypeError(
-            f"involution: x and weight must have the same dtype, got x {x.dtype} and "
-            f"weight {weight.dtype}"
-        )
-    N, C, H, W = _dims(x)
-    Nw, G, K, K2, Ho, Wo = _dims(weight)
-    if K != K2 or K < 1 or K % 2 == 0:
-        raise ValueError(
-            "involution: weight must be (N, G, K, K, Ho, Wo) with K a positive odd int, got "
-            f"shape {tuple(weight.shape)}"
-        )
-    stride = _check_int("stride", stride, 1)
-    dilation = _check_int("dilation", dilation, 1)
-    padding = _check_int("padding", dilation * (K - 1) // 2 if padding is None else padding, 0)
-    if G < 1 or C % G != 0:
-        raise ValueError(
-            f"involution: the channels of x ({C}, shape {tuple(x.shape)}) must be divisible by "
-            f"the groups of weight ({G}, shape {tuple(weight.shape)})"
-        )
-    if Nw != N:
-        raise ValueError(
-            f"involution: batch size of weight ({Nw}, shape {tuple(weight.shape)}) does not match "
-            f"x ({N}, shape {tuple(x.shape)})"
-        )
-    exp_h = involution_output_size(H, K, stride, padding, dilation)
-    exp_w = involution_output_size(W, K, stride, padding, dilation)
-    if exp_h < 1 or exp_w < 1:
-        raise ValueError(
-            f"involution: x of shape {tuple(x.shape)} is too small for K={K}, stride={stride}, "
-            f"padding={padding}, dilation={dilation} (output would be {exp_h}x{exp_w})"
-        )
-    if (Ho, Wo) != (exp_h, exp_w):
-        raise ValueError(
-            f"involution: weight spatial size ({Ho}, {Wo}) (shape {tuple(weight.shape)}) does not "
-            f"match the output size ({exp_h}, {exp_w}) of x with shape {tuple(x.shape)}, K={K}, "
-            f"stride={stride}, padding={padding}, dilation={dilation}"
-        )
-    return stride, padding, dilation
+    stride, dilation = _check_int("stride", stride), _check_int("dilation", dilation)
+    if padding is None:
+        # The "same" padding; a weight that is not 6-D is reported by the op's shape check.
+        padding = dilation * (dims(weight)[2] - 1) // 2 if weight.dim() == 6 else 0
+    return stride, _check_int("padding", padding), dilation
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def involution(
@@ -164,16 +112,31 @@ def involution(
     """Apply involution. x: (N, C, H, W); weight: (N, G, K, K, Ho, Wo). Returns (N, C, Ho, Wo).
 
     Differentiable in both inputs. Runs the CUDA kernels on CUDA tensors and the C++ kernel on CPU
-    tensors; see the module docstring for compile, autocast, tracing and export.
+    tensors; see the module docstring for compile, autocast, tracing, export and memory format.
     """
-    stride, padding, dilation = _check_args(x, weight, stride, padding, dilation)
+    stride, padding, dilation = _resolve_args(x, weight, stride, padding, dilation)
     if _record_pure_path():
         return involution_pytorch(x, weight, stride, padding, dilation)
-    return torch.ops.d2_involution.involution(x, weight, stride, padding, dilation)
+    out = torch.ops.d2_involution.involution(
+        x.contiguous(), weight.contiguous(), stride, padding, dilation
+    )
+    return out.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else out
+
+
+def involution_pytorch(
+    x: Tensor, weight: Tensor, stride: int = 1, padding: Optional[int] = None, dilation: int = 1
+) -> Tensor:
+    """Involution with standard tensor ops only (traceable, exportable, differentiable by autograd).
+
+    Low-precision inputs are accumulated in fp32.
+    """
+    stride, padding, dilation = _resolve_args(x, weight, stride, padding, dilation)
+    check_forward(x, weight, stride, padding, dilation)
+    return _pytorch_forward(x, weight, stride, padding, dilation)
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure-PyTorch path: K*K strided views of the padded input, accumulated in place of an unfold.
+# Pure-PyTorch kernels: K*K strided views of the padded input, accumulated in place of an unfold.
 # Peak extra memory: the padded input plus one output-sized product.
 
 
@@ -186,16 +149,9 @@ def _shifted_views(xp: Tensor, K: int, Ho: int, Wo: int, stride: int, dilation: 
             yield u, v, xp[..., hs:he:stride, ws:we:stride]
 
 
-def involution_pytorch(
-    x: Tensor, weight: Tensor, stride: int = 1, padding: Optional[int] = None, dilation: int = 1
-) -> Tensor:
-    """Involution with standard tensor ops only (traceable, exportable, differentiable by autograd).
-
-    Low-precision inputs are accumulated in fp32.
-    """
-    stride, padding, dilation = _check_args(x, weight, stride, padding, dilation)
-    N, C, H, W = _dims(x)
-    _, G, K, _, Ho, Wo = _dims(weight)
+def _pytorch_forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    N, C, H, W = dims(x)
+    _, G, K, _, Ho, Wo = dims(weight)
     acc = torch.promote_types(x.dtype, torch.float32)
     xg = x.reshape(N, G, C // G, H, W)
     out = torch.zeros((N, G, C // G, Ho, Wo), dtype=acc, device=x.device)
@@ -234,56 +190,71 @@ def _pytorch_grad_weight(
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels per device. fp16/bf16 on the CPU run the fp32 C++ kernel (fp32 accumulation).
+# Kernel sets per device. fp16/bf16 on the CPU run the fp32 C++ kernel (fp32 accumulation).
 
 
-def _cpu_kernel_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
-    if not cpu_kernel.available():
-        return None
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+class _Kernels(NamedTuple):
+    """The three kernels of one implementation, with the custom ops' signatures."""
+
+    forward: Callable[..., Tensor]
+    grad_input: Callable[..., Tensor]
+    grad_weight: Callable[..., Tensor]
 
 
-def _forward_default(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    kdt = _cpu_kernel_dtype(x.dtype) if x.device.type == "cpu" else None
-    if kdt is None:
-        return involution_pytorch(x, weight, stride, padding, dilation)
-    out = cpu_kernel.forward(
-        x.to(kdt).contiguous(), weight.to(kdt).contiguous(), stride, padding, dilation
-    )
-    return out.to(x.dtype)
+def _on_cpu_kernel(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` of cpu_kernel on contiguous fp32/fp64 copies, the result cast back."""
+
+    def run(a: Tensor, b: Tensor, *args: int) -> Tensor:
+        kdt = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        return fn(a.to(kdt).contiguous(), b.to(kdt).contiguous(), *args).to(a.dtype)
+
+    return run
 
 
-def _grad_input_default(
-    grad_out: Tensor, weight: Tensor, H: int, W: int, stride: int, padding: int, dilation: int
-) -> Tensor:
-    kdt = _cpu_kernel_dtype(grad_out.dtype) if grad_out.device.type == "cpu" else None
-    if kdt is None:
-        return _pytorch_grad_input(grad_out, weight, H, W, stride, padding, dilation)
-    gx = cpu_kernel.grad_input(
-        grad_out.to(kdt).contiguous(), weight.to(kdt).contiguous(), H, W, stride, padding, dilation
-    )
-    return gx.to(grad_out.dtype)
+_PYTORCH = _Kernels(_pytorch_forward, _pytorch_grad_input, _pytorch_grad_weight)
+_CPU = _Kernels(
+    _on_cpu_kernel(cpu_kernel.forward),
+    _on_cpu_kernel(cpu_kernel.grad_input),
+    _on_cpu_kernel(cpu_kernel.grad_weight),
+)
+_warned_no_cuda_kernels = False
 
 
-def _grad_weight_default(
-    grad_out: Tensor, x: Tensor, G: int, K: int, stride: int, padding: int, dilation: int
-) -> Tensor:
-    kdt = _cpu_kernel_dtype(grad_out.dtype) if grad_out.device.type == "cpu" else None
-    if kdt is None:
-        return _pytorch_grad_weight(grad_out, x, G, K, stride, padding, dilation)
-    gw = cpu_kernel.grad_weight(
-        grad_out.to(kdt).contiguous(), x.to(kdt).contiguous(), G, K, stride, padding, dilation
-    )
-    return gw.to(grad_out.dtype)
+def _cuda_kernels() -> _Kernels:
+    """The CuPy kernels when they can run; else warns once and returns the pure-PyTorch set."""
+    global _warned_no_cuda_kernels
+    from . import cuda_kernel
+
+    if cuda_kernel.available():
+        return _Kernels(cuda_kernel.forward, cuda_kernel.grad_input, cuda_kernel.grad_weight)
+    if not _warned_no_cuda_kernels:
+        _warned_no_cuda_kernels = True
+        warnings.warn(
+            "d2_involution: the CUDA involution kernels are unavailable "
+            f"({cuda_kernel.unavailable_reason()}); using the slower pure-PyTorch path. "
+            "Install CuPy for your CUDA version (e.g. pip install cupy-cuda12x).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _PYTORCH
+
+
+def _kernels(device: torch.device) -> _Kernels:
+    if device.type == "cuda":
+        return _cuda_kernels()
+    if device.type == "cpu" and cpu_kernel.available():
+        return _CPU
+    return _PYTORCH
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops.
+# The custom ops: one body each for every device; the shape check is the only validation.
 
 
 @torch.library.custom_op("d2_involution::involution", mutates_args=())
 def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    return _forward_default(x, weight, stride, padding, dilation)
+    check_forward(x, weight, stride, padding, dilation)
+    return _kernels(x.device).forward(x, weight, stride, padding, dilation)
 
 
 @torch.library.custom_op("d2_involution::involution_grad_input", mutates_args=())
@@ -296,7 +267,9 @@ def _grad_input_op(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    return _grad_input_default(grad_out, weight, height, width, stride, padding, dilation)
+    args = (grad_out, weight, height, width, stride, padding, dilation)
+    check_grad_input(*args)
+    return _kernels(grad_out.device).grad_input(*args)
 
 
 @torch.library.custom_op("d2_involution::involution_grad_weight", mutates_args=())
@@ -309,74 +282,14 @@ def _grad_weight_op(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    return _grad_weight_default(grad_out, x, groups, kernel_size, stride, padding, dilation)
-
-
-_warned_no_cuda_kernels = False
-
-
-def _cuda_kernels_usable(cuda_kernel) -> bool:
-    """True when the CuPy kernels can run; else warns once (the pure-PyTorch path is used)."""
-    global _warned_no_cuda_kernels
-    if cuda_kernel.available():
-        return True
-    if not _warned_no_cuda_kernels:
-        _warned_no_cuda_kernels = True
-        warnings.warn(
-            "d2_involution: the CUDA involution kernels are unavailable "
-            f"({cuda_kernel.unavailable_reason()}); using the slower pure-PyTorch path. "
-            "Install CuPy for your CUDA version (e.g. pip install cupy-cuda12x).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return False
-
-
-@_involution_op.register_kernel("cuda")
-def _involution_cuda(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    from . import cuda_kernel
-
-    if not _cuda_kernels_usable(cuda_kernel):
-        return involution_pytorch(x, weight, stride, padding, dilation)
-    return cuda_kernel.forward(x, weight, stride, padding, dilation)
-
-
-@_grad_input_op.register_kernel("cuda")
-def _grad_input_cuda(
-    grad_out: Tensor,
-    weight: Tensor,
-    height: int,
-    width: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-) -> Tensor:
-    from . import cuda_kernel
-
-    if not _cuda_kernels_usable(cuda_kernel):
-        return _pytorch_grad_input(grad_out, weight, height, width, stride, padding, dilation)
-    return cuda_kernel.grad_input(grad_out, weight, height, width, stride, padding, dilation)
-
-
-@_grad_weight_op.register_kernel("cuda")
-def _grad_weight_cuda(
-    grad_out: Tensor,
-    x: Tensor,
-    groups: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-) -> Tensor:
-    from . import cuda_kernel
-
-    if not _cuda_kernels_usable(cuda_kernel):
-        return _pytorch_grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
-    return cuda_kernel.grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
+    args = (grad_out, x, groups, kernel_size, stride, padding, dilation)
+    check_grad_weight(*args)
+    return _kernels(grad_out.device).grad_weight(*args)
 
 
 @_involution_op.register_fake
 def _involution_fake(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    check_forward(x, weight, stride, padding, dilation)
     return x.new_empty((x.shape[0], x.shape[1], weight.shape[4], weight.shape[5]))
 
 
@@ -390,6 +303,7 @@ def _grad_input_fake(
     padding: int,
     dilation: int,
 ) -> Tensor:
+    check_grad_input(grad_out, weight, height, width, stride, padding, dilation)
     return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
 
 
@@ -403,6 +317,7 @@ def _grad_weight_fake(
     padding: int,
     dilation: int,
 ) -> Tensor:
+    check_grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
     N, _, Ho, Wo = grad_out.shape
     return grad_out.new_empty((N, groups, kernel_size, kernel_size, Ho, Wo))
 
@@ -415,6 +330,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: Tensor):
     x, weight = ctx.saved_tensors
+    grad_out = grad_out.contiguous()  # once for both kernels (channels_last outputs)
     grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_x = _grad_input_op(grad_out, weight, x.shape[2], x.shape[3], *ctx.geometry)
