@@ -14,12 +14,13 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
-from detectron2.modeling import build_model
+from detectron2.modeling import ResNet, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_involution import add_involution_config
 from d2_involution.engine import build_evaluator, build_sem_seg_train_aug
+from d2_involution.modeling import RedNetStem
 from d2_involution.solver import (
     PolyParamScheduler,
     build_lr_scheduler,
@@ -77,9 +78,9 @@ def test_config_loads_and_builds(name: str):
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
-    if cfg.MODEL.BACKBONE.NAME.startswith("build_rednet") or "rednet" in cfg.MODEL.BACKBONE.NAME:
-        rednet = getattr(model.backbone, "bottom_up", model.backbone)
-        assert type(rednet).__name__ == "RedNet"
+    bottom_up = getattr(model.backbone, "bottom_up", model.backbone)
+    assert isinstance(bottom_up, ResNet)
+    assert isinstance(bottom_up.stem, RedNetStem) == ("rednet" in cfg.MODEL.BACKBONE.NAME)
 
 
 COCO_CONFIGS = [n for n in ALL_CONFIGS if n.startswith("COCO-")]

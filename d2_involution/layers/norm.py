@@ -26,7 +26,7 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
 NORMS = {"FrozenStatsBN": FrozenStatsBatchNorm2d}
 
 
-def get_norm(norm: Union[str, nn.Module, None], out_channels: int) -> nn.Module:
+def get_norm_layer(norm: Union[str, nn.Module, None], out_channels: int) -> nn.Module:
     """Detectron2's ``get_norm`` plus "FrozenStatsBN"; "" or None means no norm (returns None)."""
     if norm is None or norm == "":
         return None
