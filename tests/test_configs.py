@@ -5,6 +5,7 @@ gradient clipping, evaluators by dataset and the semantic-segmentation augmentat
 """
 
 import math
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -19,7 +20,6 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_involution import add_involution_config
-from d2_involution.engine import build_evaluator, build_sem_seg_train_aug
 from d2_involution.modeling import RedNetStem
 from d2_involution.solver import (
     PolyParamScheduler,
@@ -29,6 +29,9 @@ from d2_involution.solver import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from train_net import build_evaluator, build_sem_seg_train_aug  # noqa: E402
+
 CONFIG_DIR = REPO / "configs"
 # Classification configs are not Detectron2 model configs (their own trainer reads them).
 NOT_DETECTRON2 = ("ImageNet-Classification", "Shapes-Classification")
