@@ -14,6 +14,7 @@ Keys added here (all other keys keep Detectron2's meaning):
   :func:`scale_solver_to_actual_batch`).
 * ``TEST.CLS.IMS_PER_GPU`` (evaluation batch per process), ``TEST.CLS.TOPK``.
 
+``MODEL.META_ARCHITECTURE`` is ``"RedNetClassifier"`` (``build_model(cfg)`` builds the classifier).
 Detectron2 keys this trainer uses with their usual meaning: ``SOLVER.IMS_PER_BATCH`` (total batch of
 one optimizer step), ``SOLVER.REFERENCE_WORLD_SIZE``, ``SOLVER.BASE_LR``, ``MOMENTUM``,
 ``NESTEROV``, ``WEIGHT_DECAY``, ``WEIGHT_DECAY_NORM``, ``LR_SCHEDULER_NAME``, ``WARMUP_*``,
