@@ -98,6 +98,11 @@ def read_official_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
         obj = _unpickle(path, data)
     except _NotOnlyTensors as e:
         raise ValueError(f"checkpoint: {path!r}: {e}") from None
+    return _split_checkpoint(obj, path)
+
+
+def _split_checkpoint(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], str]:
+    """(state dict of CPU tensors, meta, container format) of an unpickled checkpoint."""
     if not isinstance(obj, dict):
         raise ValueError(
             f"checkpoint: {path!r} holds a {type(obj).__name__}, expected a dict "
