@@ -97,6 +97,7 @@ say "installing d2_involution (editable) with [dev] extras"
 "$PY" - "$d2_source" <<'PYEOF' || die "d2_involution does not import after set-up"
 import sys
 
+import detectron2
 import torch
 import torchvision
 
@@ -105,7 +106,7 @@ from d2_involution import compat
 
 print(f"[setup] torch {torch.__version__} (CUDA build: {torch.version.cuda}, GPU: {torch.cuda.is_available()})")
 print(f"[setup] torchvision {torchvision.__version__}")
-print(f"[setup] detectron2 {compat.DETECTRON2_VERSION} from {sys.argv[1]}")
+print(f"[setup] detectron2 {detectron2.__version__} from {sys.argv[1]}")
 for line in compat.describe_gaps():
     print(f"[setup]   unavailable: {line}")
 try:

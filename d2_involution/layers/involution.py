@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops import involution
-from .norm import get_norm
+from .norm import get_norm_layer
 
 
 class ConvNormAct(nn.Module):
@@ -30,7 +30,7 @@ class ConvNormAct(nn.Module):
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias
         )
-        self.bn = get_norm(norm, out_channels)
+        self.bn = get_norm_layer(norm, out_channels)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ NORMS = {"BN": nn.BatchNorm2d, "FrozenStatsBN": FrozenStatsBatchNorm2d}
 DETECTRON2_NORMS = ("SyncBN", "FrozenBN", "GN", "naiveSyncBN")
 
 
-def get_norm(norm: Union[str, Callable[[int], nn.Module], None], out_channels: int) -> nn.Module:
+def get_norm_layer(
+    norm: Union[str, Callable[[int], nn.Module], None], out_channels: int
+) -> nn.Module:
     """Detectron2's ``get_norm`` plus "FrozenStatsBN"; "" or None means no norm (returns None).
 
     ``norm`` is a name or, as in Detectron2, a callable taking the channel count.
