@@ -5,22 +5,100 @@ Detection (Faster/Mask R-CNN, RetinaNet) and semantic segmentation (semantic FPN
 this script; the evaluator follows the dataset's ``evaluator_type``, semantic segmentation gets its
 crop/flip augmentation, and ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR`` selects the poly schedule.
 
-    python train_net.py --config-file configs/Shapes/faster_rcnn_R26_FPN_involution_neck.yaml
+    python train_net.py --config-file configs/Shapes/faster_rcnn_rednet26_involution_fpn.yaml
     python train_net.py --config-file CFG --num-gpus 8
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
 """
 
 import d2_involution  # isort: skip  # noqa: F401  (first: detectron2 compat + registrations)
+import os
+from typing import List, Optional
+
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.data import transforms as T
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import verify_results
+from detectron2.evaluation import (
+    COCOEvaluator,
+    DatasetEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+    verify_results,
+)
 
-from d2_involution import add_involution_config
-from d2_involution.engine import build_evaluator, build_sem_seg_train_aug
+from d2_involution import add_involution_config, compat
 from d2_involution.solver import build_lr_scheduler, build_optimizer
+
+# Evaluated with Detectron2's SemSegEvaluator (mIoU, fwIoU, mACC, pACC). Detectron2's own
+# CityscapesSemSegEvaluator needs the cityscapesscripts package and the raw labelIds files; the
+# mIoU over the 19 train ids that SemSegEvaluator computes from labelTrainIds.png is the number
+# the paper (mmseg) reports.
+_SEM_SEG_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
+
+
+def build_evaluator(
+    cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None
+) -> DatasetEvaluator:
+    """The evaluator for ``dataset_name``, chosen by its metadata's ``evaluator_type``.
+
+    "coco" -> COCO box/mask AP (the pycocotools path when detectron2._C is missing: same numbers);
+    "sem_seg" and "cityscapes_sem_seg" -> ``SemSegEvaluator``. Results are written under
+    ``output_folder`` (default ``OUTPUT_DIR/inference``).
+    """
+    if not isinstance(dataset_name, str):
+        raise TypeError(f"dataset_name: expected a str, got {type(dataset_name).__name__}")
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    evaluators: List[DatasetEvaluator] = []
+    if evaluator_type in _SEM_SEG_EVALUATOR_TYPES:
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if evaluator_type in ("coco", "coco_panoptic_seg"):
+        evaluators.append(
+            COCOEvaluator(
+                dataset_name, output_dir=output_folder, use_fast_impl=compat.HAS_COMPILED_OPS
+            )
+        )
+    if not evaluators:
+        raise NotImplementedError(
+            f"no evaluator for dataset {dataset_name!r} with evaluator_type {evaluator_type!r}; "
+            f"supported: 'coco', {', '.join(map(repr, _SEM_SEG_EVALUATOR_TYPES))}"
+        )
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+def build_sem_seg_train_aug(cfg: CfgNode) -> List[T.Augmentation]:
+    """Semantic-segmentation training augmentation: resize, category-area-constrained crop, flip.
+
+    Resize with ``INPUT.MIN_SIZE_TRAIN`` / ``MAX_SIZE_TRAIN`` (sampling per
+    ``MIN_SIZE_TRAIN_SAMPLING``), crop with ``INPUT.CROP`` when enabled (rejecting crops where one
+    class covers more than ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA``; the ignore label does not
+    count), then a horizontal flip with probability 0.5 when ``INPUT.RANDOM_FLIP`` allows it.
+    """
+    augs: List[T.Augmentation] = [
+        T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+    ]
+    if cfg.INPUT.CROP.ENABLED:
+        augs.append(
+            T.RandomCrop_CategoryAreaConstraint(
+                cfg.INPUT.CROP.TYPE,
+                cfg.INPUT.CROP.SIZE,
+                cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            )
+        )
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    return augs
 
 
 class Trainer(DefaultTrainer):
@@ -71,8 +149,8 @@ def main(args):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
-    # The final evaluation's results (DefaultTrainer keeps them; None without a test set).
-    return getattr(trainer, "_last_eval_results", None)
+    # The final evaluation's results (None without a test set), without evaluating again.
+    return compat.last_eval_results(trainer)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,12 @@ Fixes applied when needed:
   ``load_state_dict``, which add the inner trainer's state.
 
 Each is keyed on what the installed detectron2's source uses (read, not imported), because
-detectron2 main still reports ``__version__ == "0.6"``.
+detectron2 main still reports ``__version__ == "0.6"``. ``HAS_COMPILED_OPS`` says whether the real
+``_C`` is there (e.g. ``COCOEvaluator(..., use_fast_impl=HAS_COMPILED_OPS)``).
 
-Also here: helpers whose right call differs between versions (the COCO evaluator).
+Also here, and nowhere else: the few uses of detectron2's private API, each with the reason no
+public call does it (reading a checkpoint as ``DetectionCheckpointer.load`` does without loading
+it, that load's incompatible keys, a trainer's last evaluation results).
 """
 
 import importlib
@@ -33,15 +36,14 @@ import logging
 import os
 import sys
 import types
-from typing import Any, List
+from typing import Any, List, Optional
 
 __all__ = [
-    "DETECTRON2_VERSION",
     "HAS_COMPILED_OPS",
     "describe_gaps",
-    "build_coco_evaluator",
+    "last_eval_results",
+    "load_checkpoint_into_model",
     "read_checkpoint_file",
-    "stock_detectron2_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,8 @@ class _MissingCompiledOps(types.ModuleType):
             f"detectron2._C.{name} is not available: this detectron2 was installed without its "
             "compiled extension (pb1-detectron2==0.6 ships no C++/CUDA sources). Deformable "
             "convolution, rotated boxes and the fast COCO evaluator need it; build detectron2 from "
-            "source to use them. COCO evaluation works with use_fast_impl=False "
-            "(d2_involution.compat.build_coco_evaluator does that for you)."
+            "source to use them. COCO evaluation works with COCOEvaluator(..., "
+            "use_fast_impl=False) (train_net.py does that for you)."
         )
 
 
@@ -196,7 +198,7 @@ def _install_export_without_caffe2(d2: types.ModuleType) -> None:
     _GAPS.append("detectron2.export's Caffe2 export (caffe2 is not in PyTorch 2)")
 
 
-def _setup() -> str:
+def _setup() -> None:
     import detectron2
 
     global HAS_COMPILED_OPS
@@ -212,29 +214,15 @@ def _setup() -> str:
     if _source_uses(detectron2, "detectron2.export.__init__", "\nfrom .api import *"):
         _install_export_without_caffe2(detectron2)
     _patch_default_trainer_state()
-    return getattr(detectron2, "__version__", "unknown")
 
 
 HAS_COMPILED_OPS = False
-DETECTRON2_VERSION = _setup()
+_setup()
 
 
 def describe_gaps() -> List[str]:
     """What the installed detectron2 cannot do, one line each (empty when nothing is missing)."""
     return list(_GAPS)
-
-
-def build_coco_evaluator(dataset_name: str, output_dir: str = None, **kwargs: Any):
-    """A ``COCOEvaluator`` that works on every supported detectron2.
-
-    The fast (C++) COCO evaluation needs ``detectron2._C``; without it the official pycocotools
-    path is used, which gives the same numbers.
-    """
-    from detectron2.evaluation import COCOEvaluator
-
-    if not HAS_COMPILED_OPS:
-        kwargs["use_fast_impl"] = False
-    return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
 
 
 def read_checkpoint_file(checkpointer: Any, path: str) -> dict:
@@ -256,69 +244,24 @@ def read_checkpoint_file(checkpointer: Any, path: str) -> dict:
         checkpointer._parsed_url_during_load = None
 
 
-# Detectron2's model-zoo settings for the stock R-50-FPN baselines: the keys of Base-RCNN-FPN.yaml /
-# Base-RetinaNet.yaml plus the R-50 1x files. The v0.6 fallback package ships no model-zoo yaml
-# files, so they are set here (the same values on every version).
-_BASE_RCNN_FPN = [
-    ("MODEL.META_ARCHITECTURE", "GeneralizedRCNN"),
-    ("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"),
-    ("MODEL.RESNETS.DEPTH", 50),
-    ("MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"]),
-    ("MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"]),
-    ("MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]]),
-    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]]),
-    ("MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"]),
-    ("MODEL.RPN.PRE_NMS_TOPK_TRAIN", 2000),
-    ("MODEL.RPN.PRE_NMS_TOPK_TEST", 1000),
-    ("MODEL.RPN.POST_NMS_TOPK_TRAIN", 1000),
-    ("MODEL.RPN.POST_NMS_TOPK_TEST", 1000),
-    ("MODEL.ROI_HEADS.NAME", "StandardROIHeads"),
-    ("MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"]),
-    ("MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead"),
-    ("MODEL.ROI_BOX_HEAD.NUM_FC", 2),
-    ("MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7),
-    ("MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead"),
-    ("MODEL.ROI_MASK_HEAD.NUM_CONV", 4),
-    ("MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", 14),
-]
-_BASE_RETINANET = [
-    ("MODEL.META_ARCHITECTURE", "RetinaNet"),
-    ("MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"),
-    ("MODEL.RESNETS.DEPTH", 50),
-    ("MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"]),
-    ("MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"]),
-    (
-        "MODEL.ANCHOR_GENERATOR.SIZES",
-        [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [32, 64, 128, 256, 512]],
-    ),
-    ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]]),
-    ("MODEL.RETINANET.IOU_THRESHOLDS", [0.4, 0.5]),
-    ("MODEL.RETINANET.IOU_LABELS", [0, -1, 1]),
-    ("MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", 0.0),
-]
-_STOCK_CONFIGS = {
-    "faster_rcnn_R_50_FPN_1x": _BASE_RCNN_FPN + [("MODEL.MASK_ON", False)],
-    "mask_rcnn_R_50_FPN_1x": _BASE_RCNN_FPN + [("MODEL.MASK_ON", True)],
-    "retinanet_R_50_FPN_1x": _BASE_RETINANET,
-}
+def load_checkpoint_into_model(checkpointer: Any, checkpoint: dict) -> Any:
+    """Load a checkpoint read by :func:`read_checkpoint_file` as ``checkpointer.load`` would, and
+    return its ``IncompatibleKeys`` (missing, unexpected, incorrectly shaped).
 
-
-def stock_detectron2_config(name: str):
-    """Detectron2's default config set up as its model-zoo R-50-FPN baseline ``name``.
-
-    ``name``: "faster_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x" or "retinanet_R_50_FPN_1x".
-    ``MODEL.WEIGHTS`` is left empty (random init; nothing is downloaded).
+    ``checkpointer.load`` logs these but returns only the non-model entries; a caller that reports
+    what did not fit needs them, so its two private steps are called here (same on every version).
+    ``checkpoint["model"]`` is consumed.
     """
-    from detectron2.config import get_cfg
+    incompatible = checkpointer._load_model(checkpoint)
+    checkpointer._log_incompatible_keys(incompatible)
+    return incompatible
 
-    if name not in _STOCK_CONFIGS:
-        raise ValueError(f"name: expected one of {sorted(_STOCK_CONFIGS)}, got {name!r}")
-    cfg = get_cfg()
-    for key, value in _STOCK_CONFIGS[name]:
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = getattr(node, part)
-        setattr(node, leaf, value)
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
+
+def last_eval_results(trainer: Any) -> Optional[dict]:
+    """The results of a ``DefaultTrainer``'s last evaluation (after ``train()``: the final one), or
+    None when it evaluated nothing.
+
+    ``DefaultTrainer`` keeps them in a private attribute and returns them from ``train()`` only when
+    ``TEST.EXPECTED_RESULTS`` is set; reading the attribute avoids evaluating a second time.
+    """
+    return getattr(trainer, "_last_eval_results", None)

@@ -27,7 +27,8 @@ def _add_rednet_keys(cfg: CN) -> None:
     # 26, 38, 50, 101 or 152.
     cfg.MODEL.REDNET.DEPTH = 50
     cfg.MODEL.REDNET.OUT_FEATURES = ["res4"]
-    # "BN", "SyncBN", "FrozenBN", "GN", "FrozenStatsBN" (running stats fixed, affine trains).
+    # "BN", "SyncBN", "FrozenBN", "FrozenStatsBN" (running stats fixed, affine trains); not "GN",
+    # whose 32 groups do not fit the involution kernel generators.
     cfg.MODEL.REDNET.NORM = "FrozenStatsBN"
     cfg.MODEL.REDNET.STEM_OUT_CHANNELS = 64
     # Involution kernel of the stem: 3 in the ImageNet classifiers, 7 in the official detectors.

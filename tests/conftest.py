@@ -1,7 +1,14 @@
-"""Shared test set-up: one generated copy of the built-in datasets for the whole test session.
+"""Shared test set-up: one generated copy of the built-in datasets for the whole test session, the
+``cuda`` marker, and a torch-only mode.
 
 ``DETECTRON2_DATASETS`` points at ``<repo>/.cache/datasets`` (git-ignored) unless it is already set,
 so every test and every test run reuses the shapes splits generated on first use.
+
+Tests marked ``@pytest.mark.cuda`` are skipped without a CUDA device (tools/gpu_check.sh selects
+them with ``-m cuda`` on a GPU machine).
+
+Without detectron2 only the op and layer tests (``STANDALONE``: they need torch, pytest and, on
+a GPU, CuPy) are collected; every other test module is reported as skipped, with the reason.
 """
 
 import os
@@ -9,13 +16,54 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DETECTRON2_DATASETS", str(REPO_ROOT / ".cache" / "datasets"))
+STANDALONE = {
+    "test_involution_layer.py",
+    "test_ops_cuda.py",
+    "test_ops_cuda_emulated.py",
+    "test_ops_cuda_host.py",
+    "test_ops_involution.py",
+    "test_ops_standalone.py",
+}
+
+try:
+    import detectron2  # noqa: F401
+
+    HAS_DETECTRON2 = True
+except ModuleNotFoundError as e:
+    if e.name != "detectron2":
+        raise
+    HAS_DETECTRON2 = False
 
 # Before any test module imports detectron2: the compat fixes (e.g. the detectron2._C stand-in that
-# detectron2.evaluation needs on the v0.6 fallback) and the dataset registrations.
+# detectron2.evaluation needs on the v0.6 fallback) and the dataset registrations (without
+# detectron2: nothing but the package's parent module, see d2_involution/__init__.py).
 import d2_involution  # noqa: E402,F401  # isort: skip
+
+
+class _NeedsDetectron2(pytest.File):
+    """A test module that cannot be imported without detectron2: one skipped item."""
+
+    def collect(self):
+        pytest.skip(f"{self.path.name} needs detectron2, which is not installed")
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent):
+    if HAS_DETECTRON2 or module_path.name in STANDALONE:
+        return None
+    return _NeedsDetectron2.from_parent(parent, path=module_path)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

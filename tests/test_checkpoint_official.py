@@ -1,8 +1,9 @@
 """Converting the official RedNet checkpoints: formats, names, layouts and the same function.
 
 Random checkpoints are written in the official layouts (tests/official_reference.py), converted,
-loaded with Detectron2's DetectionCheckpointer into the configs of configs/Official (RedNet-26 to
-stay fast), and compared with an independent functional model of the official networks.
+loaded with Detectron2's DetectionCheckpointer into the models of the training configs that
+evaluate them (configs/COCO-*, configs/Cityscapes; RedNet-26 to stay fast), and compared with an
+independent functional model of the official networks.
 """
 
 import math
@@ -18,8 +19,11 @@ from d2_involution.checkpoint import (
     anchor_permutation,
     convert_official_checkpoint,
     detect_source,
+    load_backbone_weights,
     read_official_file,
 )
+from d2_involution.classification import RedNetClassifier
+from d2_involution.modeling import build_rednet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import official_reference as R  # noqa: E402
@@ -40,9 +44,10 @@ DEPTH = 26
 
 
 def official_cfg(name: str, **overrides):
+    """The training config ``name`` (under configs/) that evaluates the official checkpoint."""
     cfg = get_cfg()
     d2_involution.add_involution_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "Official", name))
+    cfg.merge_from_file(os.path.join(ROOT, "configs", name))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.REDNET.DEPTH = DEPTH
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = NUM_CLASSES
@@ -71,7 +76,7 @@ def load_exactly(model, path: str):
     weights), and detectron2 main's FrozenBatchNorm2d keeps one buffer for them where v0.6 has none.
     """
     ckpt = DetectionCheckpointer(model)
-    inc = ckpt._load_model(compat.read_checkpoint_file(ckpt, path))
+    inc = compat.load_checkpoint_into_model(ckpt, compat.read_checkpoint_file(ckpt, path))
     missing = [k for k in inc.missing_keys if not k.endswith(".num_batches_tracked")]
     return inc._replace(missing_keys=missing)
 
@@ -111,7 +116,7 @@ def test_faster_rcnn_involution_neck_and_head_same_function(tmp_path):
     model, w, report = converted_model(
         tmp_path,
         "faster_rcnn_neck_head",
-        "faster_rcnn_rednet50_involution_fpn_head_1x.yaml",
+        "COCO-Detection/faster_rcnn_rednet50_involution_fpn_head_1x.yaml",
         check_cfg=True,
     )
     assert report.missing_in_checkpoint == []
@@ -136,7 +141,9 @@ def test_faster_rcnn_involution_neck_and_head_same_function(tmp_path):
 
 def test_rpn_anchor_order_and_deltas_match_mmdet(tmp_path):
     """Channel a of the converted RPN belongs to the same anchor box in both frameworks."""
-    model, w, _ = converted_model(tmp_path, "faster_rcnn", "faster_rcnn_rednet50_fpn_1x.yaml")
+    model, w, _ = converted_model(
+        tmp_path, "faster_rcnn", "COCO-Detection/faster_rcnn_rednet50_fpn_1x.yaml"
+    )
     x = image()
     with torch.no_grad():
         feats = model.backbone(x)
@@ -165,7 +172,7 @@ def test_box_head_class_and_delta_layout_match_mmdet(tmp_path):
     """Background last, class-major deltas with target stds (0.1, 0.1, 0.2, 0.2): the converted
     box predictor's boxes and scores are mmdet's for every class."""
     model, w, _ = converted_model(
-        tmp_path, "faster_rcnn_neck", "faster_rcnn_rednet50_involution_fpn_1x.yaml"
+        tmp_path, "faster_rcnn_neck", "COCO-Detection/faster_rcnn_rednet50_involution_fpn_1x.yaml"
     )
     rois = torch.randn(8, 256, 7, 7, generator=IMAGE)
     xy = torch.rand(8, 2, generator=IMAGE) * 300
@@ -190,7 +197,9 @@ def test_box_head_class_and_delta_layout_match_mmdet(tmp_path):
 
 def test_mask_rcnn_involution_heads_same_function(tmp_path):
     model, w, _ = converted_model(
-        tmp_path, "mask_rcnn_neck_head", "mask_rcnn_rednet50_involution_fpn_head_1x.yaml"
+        tmp_path,
+        "mask_rcnn_neck_head",
+        "COCO-InstanceSegmentation/mask_rcnn_rednet50_involution_fpn_head_1x.yaml",
     )
     rois = torch.randn(3, 256, 14, 14, generator=IMAGE)
     with torch.no_grad():
@@ -206,7 +215,9 @@ def test_mask_rcnn_involution_heads_same_function(tmp_path):
 
 
 def test_mask_rcnn_conv_heads_same_function(tmp_path):
-    model, w, _ = converted_model(tmp_path, "mask_rcnn", "mask_rcnn_rednet50_fpn_1x.yaml")
+    model, w, _ = converted_model(
+        tmp_path, "mask_rcnn", "COCO-InstanceSegmentation/mask_rcnn_rednet50_fpn_1x.yaml"
+    )
     rois = torch.randn(3, 256, 14, 14, generator=IMAGE)
     with torch.no_grad():
         assert_close(model.roi_heads.mask_head.layers(rois), R.mask_head_ref(w, rois), "mask head")
@@ -220,7 +231,7 @@ def test_retinanet_anchor_permutation(tmp_path):
     """Each Detectron2 anchor's class logits and box come from the mmdet channels of the anchor
     with the same box (mmdet: ratio-major, Detectron2: size-major)."""
     model, w, report = converted_model(
-        tmp_path, "retinanet_neck", "retinanet_rednet50_involution_fpn_1x.yaml"
+        tmp_path, "retinanet_neck", "COCO-Detection/retinanet_rednet50_involution_fpn_1x.yaml"
     )
     assert any("permuted" in t for t in report.transforms)
     x = image(64, 64)
@@ -261,7 +272,9 @@ def test_anchor_permutation_is_size_major_from_ratio_major():
 # ------------------------------------------------------------------------------------------------
 def test_semantic_fpn_involution_neck_same_function(tmp_path):
     model, w, _ = converted_model(
-        tmp_path, "fpn_seg_neck", "semantic_fpn_rednet50_involution_fpn_512x1024_80k.yaml"
+        tmp_path,
+        "fpn_seg_neck",
+        "Cityscapes/semantic_fpn_rednet50_involution_fpn_512x1024_80k.yaml",
     )
     x = image()
     with torch.no_grad():
@@ -277,7 +290,7 @@ def test_upernet_same_function(tmp_path):
     layout.update(R.uper_head_keys(NUM_CLASSES, ch=128))
     sd = R.random_state_dict(layout, seed=5)
     src = R.write_openmmlab(str(tmp_path / "upernet.pth"), sd)
-    cfg = official_cfg("upernet_rednet50_512x1024_80k.yaml")
+    cfg = official_cfg("Cityscapes/upernet_rednet50_512x1024_80k.yaml")
     cfg.MODEL.SEM_SEG_HEAD.UPERNET.CHANNELS = 128
     report = convert_official_checkpoint(src, str(tmp_path / "upernet_d2.pth"), cfg=cfg)
     assert report.no_counterpart == [] and report.missing_in_checkpoint == []
@@ -297,11 +310,9 @@ def test_upernet_same_function(tmp_path):
 # Classifiers (mmcls, PaddleClas)
 # ------------------------------------------------------------------------------------------------
 def _classifier_check(tmp_path, src, sd, layout):
-    from d2_involution.classification import RedNetClassifier
-
     dst = str(tmp_path / "cls_d2.pth")
     report = convert_official_checkpoint(src, dst, target="classifier", depth=DEPTH)
-    clf = RedNetClassifier(DEPTH, num_classes=10).eval()
+    clf = RedNetClassifier(build_rednet(DEPTH, stem_involution_kernel=3), 10).eval()
     inc = load_exactly(clf, dst)
     assert not inc.missing_keys and not inc.unexpected_keys and not inc.incorrect_shapes
     x = image(64, 64)
@@ -325,14 +336,12 @@ def test_paddleclas_classifier_same_function(tmp_path):
 
 
 def test_classifier_backbone_loads_into_detector_except_stem_kernel(tmp_path):
-    from d2_involution.classification import load_backbone_weights
-
     src, sd = write(tmp_path, "mmcls", num_classes=1000)
     dst = str(tmp_path / "backbone.pth")
     report = convert_official_checkpoint(src, dst)
     assert report.target == "backbone"
     assert any("stem" in m and "7x7" in m for m in report.shape_mismatch)
-    cfg = official_cfg("faster_rcnn_rednet50_fpn_1x.yaml")
+    cfg = official_cfg("COCO-Detection/faster_rcnn_rednet50_fpn_1x.yaml")
     model = build_model(cfg)
     fit = load_backbone_weights(model, dst)
     assert sorted(t[0] for t in fit.not_fitting) == [
@@ -466,7 +475,9 @@ def test_depth_mismatch_option_and_config(tmp_path):
     dst = str(tmp_path / "out.pth")
     with pytest.raises(ValueError, match="expected RedNet-50, but the checkpoint is RedNet-26"):
         convert_official_checkpoint(src, dst, depth=50)
-    cfg = official_cfg("faster_rcnn_rednet50_fpn_1x.yaml", **{"MODEL.REDNET.DEPTH": 101})
+    cfg = official_cfg(
+        "COCO-Detection/faster_rcnn_rednet50_fpn_1x.yaml", **{"MODEL.REDNET.DEPTH": 101}
+    )
     with pytest.raises(ValueError, match="MODEL.REDNET.DEPTH is 101"):
         convert_official_checkpoint(src, dst, cfg=cfg)
     assert _no_file(dst)
@@ -474,7 +485,9 @@ def test_depth_mismatch_option_and_config(tmp_path):
 
 def test_wrong_config_architecture(tmp_path):
     src, _ = write(tmp_path, "faster_rcnn_neck")
-    cfg = official_cfg("faster_rcnn_rednet50_fpn_1x.yaml")  # conv neck: involution names missing
+    cfg = official_cfg(
+        "COCO-Detection/faster_rcnn_rednet50_fpn_1x.yaml"
+    )  # conv neck: involution names missing
     with pytest.raises(ValueError, match="does not fit this config"):
         convert_official_checkpoint(src, str(tmp_path / "out.pth"), cfg=cfg)
 
@@ -514,9 +527,9 @@ def test_detectron2_checkpoint_is_rejected(tmp_path):
 
 
 def test_class_order_from_meta(tmp_path):
-    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+    from detectron2.data import MetadataCatalog
 
-    coco = list(_get_builtin_metadata("coco")["thing_classes"])
+    coco = list(MetadataCatalog.get("coco_2017_val").thing_classes)
     sd = R.random_state_dict(R.official_layout("faster_rcnn", DEPTH, 80))
     src = R.write_openmmlab(str(tmp_path / "a.pth"), sd, meta={"CLASSES": tuple(coco)})
     assert "same order" in convert_official_checkpoint(src).class_order

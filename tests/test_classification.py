@@ -22,13 +22,10 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 import d2_involution
+from d2_involution.checkpoint import export_backbone, load_backbone_weights
 from d2_involution.classification import (
     RedNetClassifier,
-    argument_parser,
-    export_backbone,
     get_cls_cfg,
-    load_backbone_weights,
-    main,
     scale_solver_to_actual_batch,
 )
 from d2_involution.classification.data import (
@@ -37,8 +34,12 @@ from d2_involution.classification.data import (
     ResumableTrainLoader,
     resolve_dataset_root,
 )
+from d2_involution.modeling import RedNetStem, build_rednet
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from train_cls import argument_parser, main  # noqa: E402
+
 OFFICIAL_PARAMS = {26: 9233166, 38: 12386986, 50: 15540806, 101: 25652950, 152: 33984582}
 NUM_CLASSES = 4
 MAX_ITER = 40
@@ -117,9 +118,14 @@ def runs(tmp_path_factory):
     )
 
 
+def imagenet_classifier(depth: int, num_classes: int) -> RedNetClassifier:
+    """The official ImageNet RedNet layout: stem involution 3x3, GAP, fc."""
+    return RedNetClassifier(build_rednet(depth, stem_involution_kernel=3), num_classes)
+
+
 @pytest.mark.parametrize("depth", sorted(OFFICIAL_PARAMS))
 def test_classifier_has_official_parameter_count(depth):
-    model = RedNetClassifier(depth, 1000)
+    model = imagenet_classifier(depth, 1000)
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[depth]
     keys = model.state_dict().keys()
     assert all(k.startswith(("backbone.", "fc.")) for k in keys)
@@ -129,7 +135,8 @@ def test_classifier_has_official_parameter_count(depth):
 
 @pytest.mark.parametrize("norm", ["BN", "SyncBN"])
 def test_classifier_forward_modes(norm):
-    model = RedNetClassifier(26, 3, norm=norm, label_smoothing=0.1).eval()
+    backbone = build_rednet(26, stem_involution_kernel=3, norm=norm)
+    model = RedNetClassifier(backbone, 3, label_smoothing=0.1).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     logits = model({"image": images, "label": torch.tensor([0, 2])})
     assert logits.shape == (2, 3)
@@ -141,7 +148,20 @@ def test_classifier_forward_modes(norm):
     with pytest.raises(TypeError, match="batch dict"):
         model([images])
     with pytest.raises(ValueError, match="num_classes"):
-        RedNetClassifier(26, 0)
+        RedNetClassifier(backbone, 0)
+    with pytest.raises(TypeError, match="Backbone"):
+        RedNetClassifier(26, 3)
+
+
+def test_classifier_from_config_is_a_detectron2_meta_architecture():
+    cfg = get_cls_cfg()
+    cfg.MODEL.REDNET.DEPTH = 26
+    cfg.MODEL.CLS.NUM_CLASSES = 4
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert isinstance(model, RedNetClassifier) and isinstance(model.backbone.stem, RedNetStem)
+    assert model.backbone.stem.involution.kernel_size == 3 and model.fc.out_features == 4
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[26] - 996 * 2049
 
 
 def test_batch_scaling_rule():
@@ -360,7 +380,7 @@ def test_exported_backbone_loads_into_faster_rcnn(runs, tmp_path, prefix):
 
 
 def test_export_backbone_api_errors(tmp_path):
-    model = RedNetClassifier(26, 3)
+    model = imagenet_classifier(26, 3)
     with pytest.raises(ValueError, match=".pth or .pkl"):
         export_backbone(model, str(tmp_path / "x.bin"))
     with pytest.raises(ValueError, match="prefix"):

@@ -5,6 +5,7 @@ gradient clipping, evaluators by dataset and the semantic-segmentation augmentat
 """
 
 import math
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -14,12 +15,12 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
-from detectron2.modeling import build_model
+from detectron2.modeling import ResNet, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_involution import add_involution_config
-from d2_involution.engine import build_evaluator, build_sem_seg_train_aug
+from d2_involution.modeling import RedNetStem
 from d2_involution.solver import (
     PolyParamScheduler,
     build_lr_scheduler,
@@ -28,6 +29,9 @@ from d2_involution.solver import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from train_net import build_evaluator, build_sem_seg_train_aug  # noqa: E402
+
 CONFIG_DIR = REPO / "configs"
 # Classification configs are not Detectron2 model configs (their own trainer reads them).
 NOT_DETECTRON2 = ("ImageNet-Classification", "Shapes-Classification")
@@ -77,9 +81,9 @@ def test_config_loads_and_builds(name: str):
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE
-    if cfg.MODEL.BACKBONE.NAME.startswith("build_rednet") or "rednet" in cfg.MODEL.BACKBONE.NAME:
-        rednet = getattr(model.backbone, "bottom_up", model.backbone)
-        assert type(rednet).__name__ == "RedNet"
+    bottom_up = getattr(model.backbone, "bottom_up", model.backbone)
+    assert isinstance(bottom_up, ResNet)
+    assert isinstance(bottom_up.stem, RedNetStem) == ("rednet" in cfg.MODEL.BACKBONE.NAME)
 
 
 COCO_CONFIGS = [n for n in ALL_CONFIGS if n.startswith("COCO-")]

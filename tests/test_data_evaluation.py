@@ -3,13 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from detectron2.evaluation import SemSegEvaluator
+from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 from PIL import Image
 from pycocotools import mask as mask_util
 
-import d2_involution  # noqa: F401  (registers the datasets, fixes detectron2 v0.6)
-from d2_involution.compat import build_coco_evaluator
+from d2_involution import compat  # registers the datasets, fixes detectron2 v0.6
+
+
+def build_coco_evaluator(dataset_name: str) -> COCOEvaluator:
+    """COCO AP as train_net.py computes it (pycocotools when detectron2._C is missing)."""
+    return COCOEvaluator(dataset_name, use_fast_impl=compat.HAS_COMPILED_OPS)
 
 
 def _ground_truth_instances(d: dict, shift: int = 0) -> Instances:

@@ -1,26 +1,36 @@
 """The installed detectron2, made usable by d2_involution.compat, works end to end.
 
-A stock Detectron2 Mask R-CNN R-50-FPN (detectron2's own defaults plus the settings of its
-configs/Base-RCNN-FPN.yaml and COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml, which the
-registry copy of v0.6 does not ship) trains one iteration on shapes_train with DefaultTrainer and
-runs inference, on CPU, from random initialisation (no download).
+A stock Detectron2 Mask R-CNN R-50-FPN (configs/Detectron2-Baselines: detectron2's own defaults
+plus the model settings of its model-zoo Mask R-CNN R-50-FPN 1x, which the registry copy of v0.6
+does not ship) trains one iteration on shapes_train with DefaultTrainer and runs inference, on CPU,
+from random initialisation (no download).
 """
 
 import json
 import math
 import os
+import sys
+from pathlib import Path
 
 import cv2
 import pytest
 import torch
+from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor, DefaultTrainer
 
 from d2_involution import compat  # fixes the detectron2 v0.6 fallback (tests/conftest.py: first)
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train_net  # noqa: E402
+
 
 def _stock_mask_rcnn_cfg(output_dir: str):
-    cfg = compat.stock_detectron2_config("mask_rcnn_R_50_FPN_1x")
+    cfg = get_cfg()
+    cfg.merge_from_file(
+        str(REPO / "configs" / "Detectron2-Baselines" / "mask_rcnn_R_50_FPN_1x.yaml")
+    )
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(MetadataCatalog.get("shapes_train").thing_classes)
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
@@ -74,9 +84,9 @@ def test_stock_mask_rcnn_trains_one_iteration_and_predicts(tmp_path, shapes_trai
 
 
 @pytest.mark.skipif(compat.HAS_COMPILED_OPS, reason="detectron2._C is installed: no stand-in")
-def test_missing_compiled_op_raises_a_clear_error(shapes_val_dicts):
+def test_missing_compiled_op_raises_a_clear_error(shapes_val_dicts, tmp_path):
     """The fast COCO evaluation is a CPU path into detectron2._C: it must fail loudly, and
-    build_coco_evaluator must avoid it."""
+    train_net.py's evaluator must avoid it."""
     from detectron2.evaluation import COCOEvaluator
     from detectron2.structures import Boxes, BoxMode, Instances
 
@@ -92,7 +102,7 @@ def test_missing_compiled_op_raises_a_clear_error(shapes_val_dicts):
 
     for evaluator in (
         COCOEvaluator("shapes_val", use_fast_impl=True),
-        compat.build_coco_evaluator("shapes_val"),
+        train_net.build_evaluator(get_cfg(), "shapes_val", str(tmp_path)),
     ):
         evaluator.reset()
         image_ids = [d["image_id"] for d in shapes_val_dicts[:2]]

@@ -1,4 +1,5 @@
-"""Conv and involution FPNs on RedNet: official neck sizes and tensors, builders, P6/P7, errors."""
+"""Conv and involution FPNs on RedNet: Detectron2's FPN, official neck sizes and tensors, builders,
+P6/P7, errors."""
 
 import d2_involution  # noqa: F401  (first: detectron2 compat + registrations)
 
@@ -12,10 +13,13 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
+from detectron2.modeling.backbone import FPN
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
+from detectron2.structures import ImageList
 
 from d2_involution import add_involution_config
 from d2_involution.layers import Involution
-from d2_involution.modeling import FPN, LastLevelP6P7, build_rednet, involution_output_block
+from d2_involution.modeling import LastLevelP6P7WithoutReLU, build_rednet, use_involution_outputs
 
 REFERENCE = Path(official_reference.KEYS_JSON or "official_rednet_keys.json")
 
@@ -80,35 +84,69 @@ def test_involution_neck_tensors_match_official(reference):
         ("build_retinanet_rednet_involution_fpn_backbone", ALL_STAGES[1:], [3, 4, 5, 6, 7]),
     ],
 )
-def test_builders_from_config_forward_odd_input(name, in_features, levels):
+def test_builders_return_detectron2_fpn_on_padded_odd_input(name, in_features, levels):
     cfg = make_cfg(name, in_features=in_features)
     backbone = build_backbone(cfg).eval()
+    assert isinstance(backbone, FPN)
     shapes = backbone.output_shape()
     assert list(shapes) == [f"p{s}" for s in levels]
     assert all(v.channels == 256 and v.stride == 2**s for s, v in zip(levels, shapes.values()))
     assert backbone.size_divisibility == 32
-    h, w = 35, 41
+    # An odd-sized image, padded to size_divisibility as Detectron2's meta-architectures do.
+    image = ImageList.from_tensors([torch.randn(3, 35, 41)], backbone.size_divisibility)
+    assert image.tensor.shape[-2:] == (64, 64)
     with torch.no_grad():
-        out = backbone(torch.randn(1, 3, h, w))
+        out = backbone(image.tensor)
     for s in levels:
-        size = (h, w)
-        for _ in range(s):
-            size = tuple(-(-x // 2) for x in size)
-        assert out[f"p{s}"].shape == (1, 256) + size, s
+        size = -(-64 // 2**s)  # P6/P7 of a 64 px input: ceil
+        assert out[f"p{s}"].shape == (1, 256, size, size), s
+    # The output blocks FPN.forward calls (top-down order) are the named ones, swapped or not.
+    outputs = [backbone.get_submodule(f"fpn_output{s}") for s in levels[: len(in_features)]]
+    assert backbone.output_convs == outputs[::-1]
+    assert all(isinstance(m, Involution) == ("involution" in name) for m in outputs)
     if "retinanet" in name:
+        assert type(backbone.top_block) is LastLevelP6P7WithoutReLU
         assert backbone.top_block.p6.in_channels == 2048
         assert not any(n.startswith("fpn_lateral2") for n, _ in backbone.named_parameters())
 
 
-def test_p6p7_relu_switch():
+def test_involution_outputs_keep_detectron2_fpn_forward():
+    """A swapped FPN computes Detectron2's FPN with each output conv replaced: the same laterals
+    and top-down sums, the involution applied where the conv was."""
+    torch.manual_seed(0)
+    bottom_up = build_rednet(26, out_features=ALL_STAGES).eval()
+    conv_fpn = FPN(bottom_up, ALL_STAGES, 64).eval()
+    inv_fpn = FPN(bottom_up, ALL_STAGES, 64)
+    inv_fpn.load_state_dict(conv_fpn.state_dict())
+    use_involution_outputs(inv_fpn, group_channels=16).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = bottom_up(x)
+        prev = conv_fpn.fpn_lateral5(feats["res5"])
+        expected = {"p5": inv_fpn.fpn_output5(prev)}
+        for s in (4, 3, 2):
+            lateral = conv_fpn.get_submodule(f"fpn_lateral{s}")(feats[f"res{s}"])
+            prev = lateral + prev.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+            expected[f"p{s}"] = inv_fpn.get_submodule(f"fpn_output{s}")(prev)
+        out = inv_fpn(x)
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value)
+    assert inv_fpn.fpn_output2.conv2.conv.out_channels == 7 * 7 * 64 // 16
+
+
+def test_p6p7_with_and_without_relu():
+    """The official neck: P7 = conv(P6); Detectron2's (MODEL.FPN.RELU_BEFORE_P7): conv(relu(P6))."""
     c5 = torch.randn(1, 8, 9, 9)
-    block = LastLevelP6P7(8, 4, relu_before_p7=False)
+    block = LastLevelP6P7WithoutReLU(8, 4)
     p6, p7 = block(c5)
     torch.testing.assert_close(p7, block.p7(p6))
-    block.relu_before_p7 = True
-    p6, p7 = block(c5)
-    torch.testing.assert_close(p7, block.p7(torch.relu(p6)))
-    assert not torch.allclose(block.p7(p6), p7)
+    assert not torch.allclose(block.p7(torch.relu(p6)), p7)
+    detectron2_block = LastLevelP6P7(8, 4)
+    detectron2_block.load_state_dict(block.state_dict())
+    torch.testing.assert_close(detectron2_block(c5)[1], block.p7(torch.relu(p6)))
+    cfg = make_cfg("build_retinanet_rednet_fpn_backbone", in_features=ALL_STAGES[1:])
+    cfg.MODEL.FPN.RELU_BEFORE_P7 = True
+    assert type(build_backbone(cfg).top_block) is LastLevelP6P7
 
 
 def test_fpn_trains_end_to_end():
@@ -120,16 +158,27 @@ def test_fpn_trains_end_to_end():
     assert backbone.bottom_up.stem.conv1.conv.weight.grad.abs().sum() > 0
 
 
-def test_fpn_rejects_dilated_res5_and_unknown_features():
-    bottom_up = build_rednet(26, res5_dilation=2, out_features=ALL_STAGES)
-    with pytest.raises(ValueError, match="double"):
-        FPN(bottom_up, ALL_STAGES, 256)
-    bottom_up = build_rednet(26, out_features=["res3", "res4"])
-    with pytest.raises(ValueError, match="in_features"):
-        FPN(bottom_up, ["res3", "res4", "res5"], 256, output_block=involution_output_block())
-    cfg = make_cfg("build_retinanet_rednet_fpn_backbone", in_features=["res3", "res4"])
-    cfg.MODEL.REDNET.OUT_FEATURES = ["res3", "res4"]
-    with pytest.raises(ValueError, match="res5"):
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("build_rednet_fpn_backbone", {"REDNET.RES5_DILATION": 2}, "double"),
+        (
+            "build_rednet_involution_fpn_backbone",
+            {"REDNET.OUT_FEATURES": ["res3", "res4"]},
+            "IN_FEATURES",
+        ),
+        ("build_rednet_fpn_backbone", {"FPN.FUSE_TYPE": "max"}, "FUSE_TYPE"),
+        (
+            "build_retinanet_rednet_fpn_backbone",
+            {"REDNET.OUT_FEATURES": ["res3", "res4"], "FPN.IN_FEATURES": ["res3", "res4"]},
+            "res5",
+        ),
+    ],
+)
+def test_fpn_builders_reject_bad_config(name, overrides, message):
+    cfg = make_cfg(name)
+    for key, value in overrides.items():
+        node, leaf = key.split(".")
+        setattr(getattr(cfg.MODEL, node), leaf, value)
+    with pytest.raises(ValueError, match=message):
         build_backbone(cfg)
-    with pytest.raises(ValueError, match="fuse_type"):
-        FPN(build_rednet(26, out_features=["res5"]), ["res5"], 256, fuse_type="max")

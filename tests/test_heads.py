@@ -10,7 +10,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.semantic_seg import build_sem_seg_head
 from detectron2.modeling.proposal_generator.rpn import StandardRPNHead, build_rpn_head
-from detectron2.modeling.roi_heads.mask_head import build_mask_head, mask_rcnn_loss
+from detectron2.modeling.roi_heads.mask_head import (
+    MaskRCNNConvUpsampleHead,
+    build_mask_head,
+    mask_rcnn_loss,
+)
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
@@ -100,9 +104,14 @@ def test_rpn_head_rejects_channel_changing_conv_dims():
 def test_mask_head_structure_and_loss_equal_detectron2():
     cfg = rcnn_cfg()
     head = build_mask_head(cfg, ShapeSpec(channels=256, width=14, height=14))
-    assert isinstance(head, InvolutionMaskHead)
+    assert isinstance(head, InvolutionMaskHead) and isinstance(head, MaskRCNNConvUpsampleHead)
     convs = [getattr(head, f"mask_fcn{k}") for k in range(1, 5)]
     assert all(isinstance(c.involution, Involution) for c in convs)
+    assert head.conv_norm_relus == convs
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    standard = build_mask_head(cfg, ShapeSpec(channels=256, width=14, height=14))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(head) - sum(map(n, convs)) == n(standard) - sum(map(n, standard.conv_norm_relus))
     assert [name for name, _ in head.named_children()] == [
         "mask_fcn1",
         "mask_fcn2",

@@ -119,6 +119,8 @@ def test_compiled_pooling_matches_ceil_mode_avgpool(monkeypatch):
 
 @pytest.mark.parametrize("norm", ["BN", "SyncBN", "FrozenBN", "GN", "FrozenStatsBN", ""])
 def test_norms_by_name(norm):
+    if norm not in ("BN", "FrozenStatsBN", ""):
+        pytest.importorskip("detectron2", reason=f"norm {norm!r} is detectron2's")
     m = Involution(128, 3, norm=norm).eval()
     x = torch.randn(2, 128, 6, 6)
     assert m(x).shape == x.shape
@@ -132,7 +134,29 @@ def test_channels_last_input():
     expected = m(x)
     m_cl = m.to(memory_format=torch.channels_last)
     out = m_cl(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_cuda_matches_cpu_float64(channels_last):
+    """The layer on CUDA (CuPy kernels) against the same layer on the CPU in float64, odd input
+    sizes and stride 2, output and every gradient."""
+    torch.manual_seed(0)
+    m = randomize(Involution(64, 7, stride=2)).double().train()
+    x = torch.randn(2, 64, 15, 13, dtype=torch.float64, requires_grad=True)
+    ref = m(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, *m.parameters()))
+    m_gpu, x_gpu = m.float().cuda(), x.detach().float().cuda().requires_grad_()
+    if channels_last:
+        m_gpu = m_gpu.to(memory_format=torch.channels_last)
+        x_gpu = x_gpu.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = m_gpu(x_gpu)
+    grads = torch.autograd.grad(out.square().sum(), (x_gpu, *m_gpu.parameters()))
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize(

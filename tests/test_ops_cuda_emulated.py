@@ -1,102 +1,31 @@
-"""The CUDA kernels' index logic checked without a GPU: the .cu files compiled as host C++ (a shim
-maps blockIdx/threadIdx/__ldg to host code) and "launched" thread by thread on CPU tensors, then
-compared with the plain unfold reference. fp16 needs PTX and is covered only by test_ops_cuda.py."""
+"""The CUDA kernels' index logic checked without a GPU, in all four dtypes: the code NVRTC compiles,
+built as host C++ (tests/cuda_emulation.py) and launched thread by thread on CPU tensors, against
+the plain unfold reference; and the host fp16 conversions against PyTorch's, bit for bit."""
 
 import ctypes
 import random
-import shutil
-import subprocess
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import d2_involution  # noqa: F401  # isort: skip
+from cuda_emulation import CXX, build, launch  # tests/ is on sys.path  # isort: skip
+from involution_reference import reference  # isort: skip
+
 from d2_involution.ops import cuda_kernel, involution_output_size
 
-CXX = shutil.which("c++") or shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler to emulate the kernels")
-
-SHIM = r"""
-#include <algorithm>
-#include <cstring>
-struct d2i_dim3 { unsigned int x = 0, y = 0, z = 0; };
-static d2i_dim3 blockIdx, threadIdx, blockDim;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-template <typename T> inline T __ldg(const T* p) { return *p; }
-using std::min;
-inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
-#include "SOURCE"
-#define LAUNCH(...) blockDim.x = 128; \
-  for (long long blk = 0; blk * 128 < total; ++blk) { blockIdx.x = (unsigned int)blk; \
-    for (unsigned int thr = 0; thr < 128; ++thr) { threadIdx.x = thr; __VA_ARGS__; } }
-typedef D2I_T T;
-"""
-FAST_DRIVER = r"""
-extern "C" void emu_forward(const T* a, const T* b, T* o, int C, int G, int H, int W, int Ho,
-    int Wo, int pad, int dil, int chunk, int n_chunks, long long total) {
-  LAUNCH(involution_forward(a, b, o, C, G, H, W, Ho, Wo, pad, dil, chunk, n_chunks, total)) }
-extern "C" void emu_grad_input(const T* a, const T* b, T* o, int C, int G, int H, int W, int Ho,
-    int Wo, int pad, int dil, int chunk, int n_chunks, long long total) {
-  LAUNCH(involution_grad_input(a, b, o, C, G, H, W, Ho, Wo, pad, dil, chunk, n_chunks, total)) }
-extern "C" void emu_grad_weight(const T* a, const T* b, T* o, int C, int G, int H, int W, int Ho,
-    int Wo, int pad, int dil, long long total) {
-  LAUNCH(involution_grad_weight(a, b, o, C, G, H, W, Ho, Wo, pad, dil, total)) }
-"""
-NAIVE_DRIVER = r"""
-#define NAIVE(name) extern "C" void emu_##name(const T* a, const T* b, T* o, int C, int G, int H, \
-    int W, int Ho, int Wo, int K, int S, int pad, int dil, long long total) { \
-  LAUNCH(involution_naive_##name(a, b, o, C, G, H, W, Ho, Wo, K, S, pad, dil, total)) }
-NAIVE(forward)
-NAIVE(grad_input)
-NAIVE(grad_weight)
-"""
-
-_libs = {}
+BLOCK = 128
 
 
-def emulator(tmp_path_factory, dtype, K=None, S=None) -> ctypes.CDLL:
-    key = (dtype, K, S)
-    if key not in _libs:
-        source = cuda_kernel.FAST_SOURCE if K is not None else cuda_kernel.NAIVE_SOURCE
-        text = SHIM.replace("SOURCE", str(source)) + (FAST_DRIVER if K else NAIVE_DRIVER)
-        d = tmp_path_factory.mktemp("emu")
-        (d / "driver.cpp").write_text(text)
-        defines = [o for o in cuda_kernel.nvrtc_options(dtype, K, S) if o.startswith("-D")]
-        cmd = [
-            CXX,
-            "-O1",
-            "-std=c++14",
-            "-shared",
-            "-fPIC",
-            "-DD2I_HOST_EMULATION",
-            *defines,
-            f"-I{cuda_kernel.SOURCE_DIR}",
-            str(d / "driver.cpp"),
-            "-o",
-            str(d / "emu.so"),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        _libs[key] = ctypes.CDLL(str(d / "emu.so"))
-    return _libs[key]
+def emulator(tmp_path_factory, dtype, K=None, S=None):
+    source = cuda_kernel.FAST_SOURCE if K is not None else cuda_kernel.NAIVE_SOURCE
+    code = cuda_kernel.kernel_source(source)
+    return build(code, cuda_kernel.nvrtc_options(dtype, K, S), tmp_path_factory.getbasetemp())
 
 
-def call(fn, tensors, ints, total):
-    args = [ctypes.c_void_p(t.data_ptr()) for t in tensors] + [ctypes.c_int(v) for v in ints]
-    fn(*args, ctypes.c_longlong(total))
-
-
-def reference(x, weight, stride, padding, dilation):
-    N, C, H, W = x.shape
-    _, G, K, _, Ho, Wo = weight.shape
-    cols = F.unfold(x, K, dilation=dilation, padding=padding, stride=stride)
-    cols = cols.view(N, G, C // G, K * K, Ho, Wo)
-    return (cols * weight.reshape(N, G, 1, K * K, Ho, Wo)).sum(3).reshape(N, C, Ho, Wo)
+def run(lib, name, tensors, ints, total):
+    grid = (total + BLOCK - 1) // BLOCK
+    launch(lib, name, grid, BLOCK, [t.data_ptr() for t in tensors], ints, total)
 
 
 def config(seed: int, K: int, S: int) -> dict:
@@ -137,20 +66,26 @@ def expected(x, w, go, cfg):
     return out.detach(), gx, gw
 
 
+def tolerance(dtype, ref):
+    """Only the final rounding to ``dtype`` may differ (the kernels accumulate in fp32/fp64)."""
+    eps = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype) or torch.finfo(dtype).eps
+    return dict(rtol=eps, atol=eps * max(1.0, ref.abs().max().item()))
+
+
 def check(results, refs, dtype, cfg):
-    eps = 1e-12 if dtype == torch.float64 else torch.finfo(dtype).eps
     for name, got, ref in zip(("out", "grad_x", "grad_w"), results, refs):
-        tol = dict(rtol=eps, atol=eps * max(1.0, ref.abs().max().item()))
-        torch.testing.assert_close(got.double(), ref, **tol, msg=lambda m: f"{name} {cfg}: {m}")
+        torch.testing.assert_close(
+            got.double(), ref, **tolerance(dtype, ref), msg=lambda m: f"{name} {cfg}: {m}"
+        )
 
 
 KS = [(1, 2), (3, 1), (3, 2), (5, 3), (7, 1), (7, 2)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
-
-# float64 for every (K, stride) branch; bfloat16 (other loads and stores) for two of them.
+# float64 for every (K, stride) branch; the other dtypes (other loads, stores and accumulators)
+# for two of them each.
 FAST_CASES = [(torch.float64, K, S) for K, S in KS] + [
-    (torch.bfloat16, 3, 2),
-    (torch.bfloat16, 7, 1),
+    (dtype, K, S) for dtype in DTYPES[1:] for K, S in [(3, 2), (7, 1)]
 ]
 
 
@@ -162,20 +97,20 @@ def test_fast_kernels_emulated(tmp_path_factory, dtype, K, S):
     for seed in range(4):
         cfg = config(seed, K, S)
         x, w, go, Ho, Wo = inputs(cfg, dtype)
-        C, G, H, W, cpg = cfg["C"], cfg["G"], cfg["H"], cfg["W"], cfg["C"] // cfg["G"]
+        N, C, G, H, W, cpg = cfg["N"], cfg["C"], cfg["G"], cfg["H"], cfg["W"], cfg["C"] // cfg["G"]
         refs = expected(x, w, go, cfg)
         for chunk in sorted({cpg, 2, 1}):
             n_chunks = (cpg + chunk - 1) // chunk
             geo = (C, G, H, W, Ho, Wo, cfg["pad"], cfg["dil"])
             out, gx, gw = torch.empty_like(go), torch.empty_like(x), torch.empty_like(w)
-            N = cfg["N"]
-            call(lib.emu_forward, (x, w, out), geo + (chunk, n_chunks), N * G * n_chunks * Ho * Wo)
-            call(lib.emu_grad_input, (go, w, gx), geo + (chunk, n_chunks), N * G * n_chunks * H * W)
-            call(lib.emu_grad_weight, (go, x, gw), geo, N * G * Ho * Wo)
+            chunked = geo + (chunk, n_chunks)
+            run(lib, "involution_forward", (x, w, out), chunked, N * G * n_chunks * Ho * Wo)
+            run(lib, "involution_grad_input", (go, w, gx), chunked, N * G * n_chunks * H * W)
+            run(lib, "involution_grad_weight", (go, x, gw), geo, N * G * Ho * Wo)
             check((out, gx, gw), refs, dtype, dict(cfg, chunk=chunk))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(d)[6:] for d in DTYPES])
 def test_naive_kernels_emulated(tmp_path_factory, dtype):
     lib = emulator(tmp_path_factory, dtype)
     for seed, (K, S) in enumerate(KS + [(13, 2)]):
@@ -184,7 +119,43 @@ def test_naive_kernels_emulated(tmp_path_factory, dtype):
         refs = expected(x, w, go, cfg)
         out, gx, gw = torch.empty_like(go), torch.empty_like(x), torch.empty_like(w)
         ints = (cfg["C"], cfg["G"], cfg["H"], cfg["W"], Ho, Wo, K, S, cfg["pad"], cfg["dil"])
-        call(lib.emu_forward, (x, w, out), ints, out.numel())
-        call(lib.emu_grad_input, (go, w, gx), ints, gx.numel())
-        call(lib.emu_grad_weight, (go, x, gw), ints, gw.numel())
+        run(lib, "involution_naive_forward", (x, w, out), ints, out.numel())
+        run(lib, "involution_naive_grad_input", (go, w, gx), ints, gx.numel())
+        run(lib, "involution_naive_grad_weight", (go, x, gw), ints, gw.numel())
         check((out, gx, gw), refs, dtype, cfg)
+
+
+def convert(fn, values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Run one of the emulation's element-wise conversions over ``values``."""
+    out = torch.empty(values.numel(), dtype=out_dtype)
+    fn(ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(out.data_ptr()), values.numel())
+    return out
+
+
+def test_host_fp16_conversions_match_pytorch(tmp_path_factory):
+    """The host emulation's fp16 loads and stores round like the GPU's cvt instructions (and
+    PyTorch): every half value loads exactly; stores round to nearest even, ties, subnormals,
+    overflow and signed zeros included."""
+    lib = emulator(tmp_path_factory, torch.float16)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    loaded = convert(lib.emu_half_to_float, bits, torch.float32)
+    want = bits.view(torch.float16).float()
+    finite = ~want.isnan()
+    assert torch.equal(loaded[finite].view(torch.int32), want[finite].view(torch.int32))
+    assert loaded[~finite].isnan().all()
+
+    # Every half, the midpoints between neighbours (ties), points just off them, beyond the
+    # range, and random floats of every magnitude.
+    halves = want[finite & want.isfinite()].sort().values
+    mids = (halves[:-1].double() + halves[1:].double()) / 2
+    off = torch.cat([mids * (1 + 2**-30), mids * (1 - 2**-30)])
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(200_000, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(
+        -30, 20, (200_000,), generator=g
+    )
+    special = torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e30, -1e30, 2**-25, 2**-26])
+    values = torch.cat([halves, mids.float(), off.float(), rand.float(), special.float()])
+    got = convert(lib.emu_float_to_half, values, torch.int16)
+    assert torch.equal(got, values.half().view(torch.int16))
+    nan = torch.tensor([float("nan"), -float("nan")])
+    assert convert(lib.emu_float_to_half, nan, torch.int16).view(torch.float16).isnan().all()

@@ -368,6 +368,77 @@ def test_unsupported_dtypes(dtype):
         involution(w.new_zeros(1, 2, 5, 5), w.to(dtype))
 
 
+RAW_BAD_CALLS = [
+    # (op, args, match): the custom ops called directly with shapes that do not agree.
+    ("involution", ((2, 8, 9, 9), (1, 2, 3, 3, 9, 9), 1, 1, 1), r"batch size of weight \(1"),
+    ("involution", ((2, 8, 9, 9), (2, 2, 3, 3, 9, 8), 1, 1, 1), r"\(9, 8\).*output size"),
+    ("involution", ((2, 8, 9, 9), (2, 3, 3, 3, 9, 9), 1, 1, 1), r"divisible by the groups"),
+    ("involution", ((2, 8, 9, 9), (2, 2, 3, 3, 9, 9), 0, 1, 1), r"stride must be >= 1"),
+    (
+        "involution_grad_input",
+        ((2, 8, 9, 9), (2, 2, 3, 3, 9, 8), 9, 9, 1, 1, 1),
+        r"weight spatial size \(9, 8\).*grad_out's \(9, 9\)",
+    ),
+    (
+        "involution_grad_input",
+        ((2, 8, 9, 9), (3, 2, 3, 3, 9, 9), 9, 9, 1, 1, 1),
+        r"batch size of weight \(3",
+    ),
+    (
+        "involution_grad_input",
+        ((2, 8, 9, 9), (2, 2, 3, 3, 9, 9), 17, 9, 1, 1, 1),
+        r"output size \(17, 9\) of a 17x9 input",
+    ),
+    ("involution_grad_weight", ((2, 8, 9, 9), (1, 8, 9, 9), 2, 3, 1, 1, 1), r"batch size of x"),
+    ("involution_grad_weight", ((2, 8, 9, 9), (2, 8, 9, 7), 2, 3, 1, 1, 1), r"must be \(N, C"),
+    ("involution_grad_weight", ((2, 8, 9, 9), (2, 8, 9, 9), 3, 3, 1, 1, 1), r"groups \(3\)"),
+    ("involution_grad_weight", ((2, 8, 9, 9), (2, 8, 9, 9), 2, 4, 1, 1, 1), r"positive odd"),
+]
+
+
+@pytest.mark.parametrize("op,args,match", RAW_BAD_CALLS)
+def test_raw_ops_reject_inconsistent_shapes(op, args, match):
+    """``torch.ops.d2_involution.*`` validate their own inputs (a kernel never sees them)."""
+    a, b, *ints = args
+    with pytest.raises(ValueError, match=match):
+        getattr(OP, op)(torch.randn(a), torch.randn(b), *ints)
+
+
+def test_raw_op_rejects_mixed_dtypes():
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(1, 1, 3, 3, 5, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="same dtype"):
+        OP.involution(x, w, 1, 1, 1)
+
+
+def test_channels_last_in_channels_last_out_and_nothing_copied():
+    """channels_last x gives a channels_last output; the CPU kernels run NHWC natively, so
+    autograd keeps x and the weight themselves (no copies; the weight as a channels_last kernel
+    generator makes it), and backward returns channels_last gradients."""
+    cfg = dict(N=2, C=8, G=2, H=9, W=7, K=3, stride=2, padding=None, dilation=1)
+    x, w = make_inputs(dict(cfg, channels_last=True))
+    w_view = w.reshape(2, 18, *w.shape[4:]).contiguous(memory_format=torch.channels_last)
+    w_view = w_view.view(w.shape)  # as an Involution layer in channels_last makes it
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = involution(x, w_view, stride=2)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    op_saved = [t for t in saved if t.shape in (x.shape, w.shape)]
+    assert [t.data_ptr() for t in op_saved] == [x.data_ptr(), w_view.data_ptr()]
+    ref = reference(x, w_view, stride=2)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref).contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(out, (x, w_view), grad)
+    want = torch.autograd.grad(ref, (x, w_view), grad)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_non_tensor_and_mixed_devices():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         involution([1.0], torch.zeros(1, 1, 1, 1, 1, 1))

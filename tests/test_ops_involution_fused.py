@@ -164,17 +164,32 @@ def test_fused_accepts_2d_gen_weight():
     assert gA.shape == (18, 4)
 
 
-def test_non_cpu_tensors_run_the_unfused_ops(monkeypatch):
-    """Off the CPU (CUDA: no fused kernel yet) the generated weights go through the unfused op."""
+def test_cuda_fused_kernel_plugs_in(monkeypatch):
+    """On CUDA the fused op runs ``cuda_kernel.fused_forward`` / ``fused_backward`` once
+    cuda_kernel has them (and can run), else the unfused kernels inside the op."""
+    from d2_involution.ops import cuda_kernel, has_fused_kernel
+
+    monkeypatch.setattr(cuda_kernel, "available", lambda: True)
+    monkeypatch.delattr(cuda_kernel, "fused_forward", raising=False)
+    assert not has_fused_kernel("cuda")
+    monkeypatch.setattr(cuda_kernel, "fused_forward", lambda *args: None, raising=False)
+    monkeypatch.setattr(cuda_kernel, "fused_backward", lambda *args: None, raising=False)
+    assert has_fused_kernel("cuda")
+    monkeypatch.setattr(cuda_kernel, "available", lambda: False)
+    assert not has_fused_kernel("cuda")
+
+
+def test_fused_meta_tensors_and_raw_op_checks():
+    """The fake kernel gives the output shape (meta tensors); the raw ops check their inputs."""
     cfg = dict(N=2, C=8, G=2, R=4, H=6, W=7, K=3, stride=2, padding=None, dilation=1)
-    x, red, A, b = (t.detach().to("meta") for t in make_inputs(cfg))
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the fused op must not run on this device")
-
-    monkeypatch.setattr(OP, "involution_fused", fail, raising=False)
-    out = involution_fused(x, red, A, b, 3, stride=2)
-    assert out.device.type == "meta" and out.shape == (2, 8, 3, 4)
+    x, red, A, b = (t.detach() for t in make_inputs(cfg))
+    meta = [t.to("meta") for t in (x, red, A, b)]
+    assert involution_fused(*meta, 3, stride=2).shape == (2, 8, 3, 4)
+    with pytest.raises(ValueError, match=r"reduced spatial size \(3, 4\)"):
+        OP.involution_fused(x, red, A, b, 3, 1, 1, 1)
+    go = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"grad_out must have the forward output's shape"):
+        OP.involution_fused_backward(go, x, red, A, b, 3, 2, 1, 1)
 
 
 def test_fused_autocast_runs_in_autocast_dtype():

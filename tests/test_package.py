@@ -1,6 +1,5 @@
 """The package imports, adds its config keys and reports what the installed detectron2 lacks."""
 
-import detectron2
 from detectron2.config import get_cfg
 
 import d2_involution
@@ -17,8 +16,7 @@ def test_add_involution_config_adds_subtrees():
     assert cfg.MODEL.REDNET.DEPTH == 26 and cfg.MODEL.INVOLUTION.KERNEL_SIZE == 3
 
 
-def test_compat_reports_version_and_gaps():
-    assert compat.DETECTRON2_VERSION == detectron2.__version__
+def test_compat_reports_gaps():
     gaps = compat.describe_gaps()
     if compat.HAS_COMPILED_OPS:
         assert not any("detectron2._C" in g for g in gaps)

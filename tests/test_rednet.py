@@ -1,4 +1,5 @@
-"""RedNet backbone: official parameter counts and tensor names, freezing, norms, dilation."""
+"""RedNet backbone: Detectron2's ResNet, official parameter counts and tensor names, freezing,
+norms, dilation."""
 
 import d2_involution  # noqa: F401  (first: detectron2 compat + registrations)
 
@@ -13,12 +14,12 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
-from detectron2.modeling import build_backbone
+from detectron2.modeling import ResNet, build_backbone
 from torch import nn
 
 from d2_involution import add_involution_config
 from d2_involution.layers import FrozenStatsBatchNorm2d, Involution
-from d2_involution.modeling import REDNET_DEPTHS, RedNet, RedNetBlock, build_rednet
+from d2_involution.modeling import REDNET_DEPTHS, RedNetBlock, RedNetStem, build_rednet
 
 REFERENCE = Path(official_reference.KEYS_JSON or "official_rednet_keys.json")
 
@@ -113,9 +114,16 @@ def test_output_shape_and_odd_sized_forward():
         assert out[name].shape == (1, spec.channels) + expected, name
 
 
+def test_rednet_is_detectron2_resnet_with_rednet_stem_and_blocks():
+    model = build_rednet(26, out_features=["res2", "res5"])
+    assert isinstance(model, ResNet) and isinstance(model.stem, RedNetStem)
+    assert all(isinstance(b, RedNetBlock) for stage in model.stages for b in stage)
+    assert list(model.stage_names) == ["res2", "res3", "res4", "res5"]
+
+
 def test_stages_beyond_the_deepest_output_are_not_built():
     model = build_rednet(26, out_features=["res3"])
-    assert model.stage_names == ["res2", "res3"]
+    assert list(model.stage_names) == ["res2", "res3"]
     assert not hasattr(model, "res4")
 
 
@@ -183,25 +191,34 @@ def test_freeze_converts_syncbn():
 
 
 def test_frozen_stats_bn_keeps_running_stats_and_trains_affine():
+    """Two SGD steps leave every FrozenStatsBN's (non-trivial) statistics as they are, move every
+    one's affine weights, and train mode normalises as eval mode does (seeded, finite: lr 0.01)."""
+    torch.manual_seed(0)
     model = build_rednet(
         26, norm="FrozenStatsBN", out_features=["res3"], zero_init_residual=False
     ).train()
     norms = [m for m in model.modules() if isinstance(m, FrozenStatsBatchNorm2d)]
     assert norms
+    for n in norms:  # non-trivial statistics, as in a pre-trained checkpoint
+        n.running_mean.uniform_(-0.1, 0.1)
+        n.running_var.uniform_(0.5, 2.0)
     stats = [(n.running_mean.clone(), n.running_var.clone()) for n in norms]
     weights = [(n.weight.detach().clone(), n.bias.detach().clone()) for n in norms]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(2, 3, 32, 32)
-    out = model(x)["res3"]
-    out.square().mean().backward()
-    opt.step()
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(x)["res3"].square().mean()
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
     for n, (mean, var) in zip(norms, stats):
         assert torch.equal(n.running_mean, mean) and torch.equal(n.running_var, var)
-    changed = [
+    moved = [
         not (torch.equal(n.weight, w) and torch.equal(n.bias, b))
         for n, (w, b) in zip(norms, weights)
     ]
-    assert all(changed)
+    assert all(moved)
     # Train and eval mode normalise identically (running statistics in both).
     model.eval()
     with torch.no_grad():
@@ -209,7 +226,14 @@ def test_frozen_stats_bn_keeps_running_stats_and_trains_affine():
     model.train()
     with torch.no_grad():
         train_out = model(x)["res3"]
+    assert torch.isfinite(eval_out).all()
     torch.testing.assert_close(train_out, eval_out)
+    # ... and the statistics they normalise with are the running ones, not the batch's.
+    n = norms[0]
+    probe = torch.randn(4, n.num_features, 3, 3)
+    scale = n.weight / torch.sqrt(n.running_var + n.eps)
+    expected = (probe - n.running_mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+    torch.testing.assert_close(n(probe), expected + n.bias.view(1, -1, 1, 1))
 
 
 def test_bn_mode_does_update_running_stats():
@@ -236,7 +260,7 @@ def test_build_rednet_backbone_from_config_odd_input():
     cfg.MODEL.INVOLUTION.GROUP_CHANNELS = 8
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     model = build_backbone(cfg).eval()
-    assert isinstance(model, RedNet)
+    assert isinstance(model, ResNet) and isinstance(model.stem, RedNetStem)
     assert [len(s) for s in model.stages] == [2, 3, 5, 2]
     assert model.res3[0].conv2.groups == 128 // 8
     with torch.no_grad():
@@ -279,17 +303,17 @@ def test_frozen_bn_norm_builds_without_trainable_norms():
     torch.testing.assert_close(model(x)["res3"], model.eval()(x)["res3"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_rednet_fpn_cuda_matches_cpu():
-    from d2_involution.modeling import FPN, involution_output_block
+    from detectron2.modeling.backbone import FPN
+
+    from d2_involution.modeling import use_involution_outputs
 
     torch.manual_seed(0)
     bottom_up = build_rednet(26, out_features=["res2", "res3", "res4", "res5"])
-    model = FPN(
-        bottom_up, ["res2", "res3", "res4", "res5"], 256, output_block=involution_output_block()
-    )
+    model = use_involution_outputs(FPN(bottom_up, ["res2", "res3", "res4", "res5"], 256))
     model.eval()
-    x = torch.randn(2, 3, 67, 93)
+    x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         cpu = model(x)
         gpu = model.cuda()(x.cuda())

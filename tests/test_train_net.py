@@ -76,7 +76,7 @@ def test_sem_seg_train_loader_uses_crop_augmentation(tmp_path):
         assert set(item["sem_seg"].unique().tolist()) <= set(range(6)) | {255}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP training needs CUDA")
+@pytest.mark.cuda
 def test_amp_training_on_cuda(tmp_path):
     res = train_net.main(
         _args(

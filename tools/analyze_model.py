@@ -27,7 +27,8 @@ from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 from torch import nn
 
 from d2_involution import add_involution_config
-from d2_involution.modeling.rednet import build_rednet
+from d2_involution.classification import RedNetClassifier
+from d2_involution.modeling import build_rednet
 from d2_involution.ops.flops import add_involution_flop_handles
 
 # Input (H, W) by meta-architecture: mmdet's get_flops default 1280x800, mmseg's 2048x1024.
@@ -61,19 +62,6 @@ class TensorInOut(nn.Module):
             if inst.has("pred_masks"):
                 tensors.append(inst.pred_masks)
         return tuple(tensors)
-
-
-class RedNetImageNetClassifier(nn.Module):
-    """RedNet-D as the ImageNet classifier the paper measures: stem kernel 3, GAP, fc 2048->1000."""
-
-    def __init__(self, depth: int, num_classes: int = 1000):
-        super().__init__()
-        self.backbone = build_rednet(depth, stem_involution_kernel=3, out_features=["res5"])
-        self.fc = nn.Linear(self.backbone.output_shape()["res5"].channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.backbone(x)["res5"]
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def setup_cfg(config_file: str, opts: Sequence[str]) -> CfgNode:
@@ -161,7 +149,8 @@ def analyze_config(
 def analyze_classifier(depth: int, size: int = 224) -> Dict[str, object]:
     """Parameters, FLOPs and activations of the ImageNet RedNet-``depth`` on a size x size image."""
     torch.manual_seed(0)
-    model = RedNetImageNetClassifier(depth).eval()
+    # The ImageNet classifier the paper measures: stem involution 3x3, GAP, fc 2048 -> 1000.
+    model = RedNetClassifier(build_rednet(depth, stem_involution_kernel=3), 1000).eval()
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         flops = FlopCountAnalysis(model, x)

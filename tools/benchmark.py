@@ -48,8 +48,9 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 from torch.nn import functional as F
 
-from d2_involution import add_involution_config, compat
+from d2_involution import add_involution_config
 from d2_involution.classification import RedNetClassifier
+from d2_involution.modeling import build_rednet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {
@@ -60,7 +61,7 @@ AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {
 NUM_CLASSES_CLS = 1000
 NUM_BOXES = 4
 
-# name -> (kind, our config file or the name of a stock Detectron2 model-zoo baseline)
+# name -> (kind, "rednet50"/"resnet50" for the classifiers or a config file for the detectors)
 MODELS: Dict[str, Tuple[str, object]] = {
     "rednet50_cls": ("cls", "rednet50"),
     "resnet50_cls": ("cls", "resnet50"),
@@ -69,13 +70,13 @@ MODELS: Dict[str, Tuple[str, object]] = {
         "det",
         "configs/COCO-Detection/faster_rcnn_rednet50_involution_fpn_1x.yaml",
     ),
-    "faster_rcnn_R50_fpn": ("det", "faster_rcnn_R_50_FPN_1x"),
+    "faster_rcnn_R50_fpn": ("det", "configs/Detectron2-Baselines/faster_rcnn_R_50_FPN_1x.yaml"),
     "retinanet_rednet50_fpn": ("det", "configs/COCO-Detection/retinanet_rednet50_fpn_1x.yaml"),
     "retinanet_rednet50_involution_fpn": (
         "det",
         "configs/COCO-Detection/retinanet_rednet50_involution_fpn_1x.yaml",
     ),
-    "retinanet_R50_fpn": ("det", "retinanet_R_50_FPN_1x"),
+    "retinanet_R50_fpn": ("det", "configs/Detectron2-Baselines/retinanet_R_50_FPN_1x.yaml"),
 }
 
 COLUMNS = [
@@ -166,13 +167,8 @@ def _sync(device: torch.device) -> None:
 
 def detection_cfg(name: str, device: torch.device) -> CfgNode:
     """The config of detector ``name`` with random initialisation on ``device``."""
-    source = MODELS[name][1]
-    if source.endswith(".yaml"):
-        cfg = get_cfg()
-        add_involution_config(cfg)
-        cfg.merge_from_file(os.path.join(REPO_ROOT, source))
-    else:
-        cfg = add_involution_config(compat.stock_detectron2_config(source))
+    cfg = add_involution_config(get_cfg())
+    cfg.merge_from_file(os.path.join(REPO_ROOT, MODELS[name][1]))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = str(device)
     cfg.freeze()
@@ -187,7 +183,7 @@ def build(name: str, device: torch.device) -> nn.Module:
     if kind == "det":
         return build_model(detection_cfg(name, device)).to(device)
     if source == "rednet50":
-        model = RedNetClassifier(50, NUM_CLASSES_CLS)
+        model = RedNetClassifier(build_rednet(50, stem_involution_kernel=3), NUM_CLASSES_CLS)
     else:
         import torchvision
 

@@ -42,7 +42,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-import d2_involution  # noqa: F401  # isort: skip
 from d2_involution.layers import Involution
 from d2_involution.ops import involution, involution_output_size, involution_pytorch
 

@@ -73,26 +73,7 @@ if [ -z "$d2_source" ]; then
     say "installing pb1-detectron2==0.6 (official v0.6 Python sources; C++ extension disabled: it ships no csrc)"
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
-    "$PY" - "$tmp" <<'PYEOF' || die "could not download pb1-detectron2==0.6 from the registry"
-import hashlib, json, sys, urllib.request
-
-# pip cannot download it: its metadata declares a direct-URL extra that PyPI rejects.
-try:
-    index = urllib.request.urlopen("https://pypi.org/pypi/pb1-detectron2/json", timeout=60)
-    meta = json.load(index)
-    sdist = next(u for u in meta["releases"]["0.6"] if u["packagetype"] == "sdist")
-    data = urllib.request.urlopen(sdist["url"], timeout=120).read()
-except Exception as e:
-    sys.exit(f"[setup] {type(e).__name__}: {e}")
-if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
-    sys.exit("[setup] pb1-detectron2-0.6.tar.gz: sha256 mismatch")
-open(sys.argv[1] + "/" + sdist["filename"], "wb").write(data)
-PYEOF
-    tar -xzf "$tmp"/pb1-detectron2-0.6.tar.gz -C "$tmp" || die "pb1-detectron2 archive is unreadable"
-    src="$tmp/pb1-detectron2-0.6"
-    # Its setup.py always declares detectron2._C, whose sources are absent: declare no extension.
-    sed -i 's/ext_modules=get_extensions(),/ext_modules=[],/' "$src/setup.py"
-    grep -q 'ext_modules=\[\],' "$src/setup.py" || die "pb1-detectron2's setup.py changed; cannot disable its extension"
+    src=$("$PY" tools/pb1_detectron2.py "$tmp") || die "could not fetch pb1-detectron2==0.6 (see above)"
     "${PIP[@]}" --no-deps --no-build-isolation "$src" || die "could not install pb1-detectron2==0.6"
     d2_source="pb1-detectron2==0.6 (no compiled ops)"
 fi
@@ -116,6 +97,7 @@ say "installing d2_involution (editable) with [dev] extras"
 "$PY" - "$d2_source" <<'PYEOF' || die "d2_involution does not import after set-up"
 import sys
 
+import detectron2
 import torch
 import torchvision
 
@@ -124,7 +106,7 @@ from d2_involution import compat
 
 print(f"[setup] torch {torch.__version__} (CUDA build: {torch.version.cuda}, GPU: {torch.cuda.is_available()})")
 print(f"[setup] torchvision {torchvision.__version__}")
-print(f"[setup] detectron2 {compat.DETECTRON2_VERSION} from {sys.argv[1]}")
+print(f"[setup] detectron2 {detectron2.__version__} from {sys.argv[1]}")
 for line in compat.describe_gaps():
     print(f"[setup]   unavailable: {line}")
 try:

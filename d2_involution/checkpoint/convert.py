@@ -1,6 +1,7 @@
 """Official RedNet checkpoints -> Detectron2 checkpoints of the matching d2_involution model.
 
-Name mapping (official -> ours; see also the module docs of ``modeling.rednet``/``fpn``/``heads``):
+Name mapping (official -> ours; see also the module docs of ``modeling.rednet``, ``fpn``,
+``rpn_head``, ``mask_head`` and ``upernet_head``):
 
 ==========================================  ======================================================
 official                                    d2_involution
@@ -38,14 +39,13 @@ are permuted.
 """
 
 import dataclasses
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .detectron2_file import export_backbone, save_detectron2_checkpoint
 from .formats import OfficialSource, detect_source, read_official_file
 
 __all__ = [
@@ -54,7 +54,6 @@ __all__ = [
     "anchor_permutation",
     "convert_state_dict",
     "convert_official_checkpoint",
-    "save_detectron2_checkpoint",
 ]
 
 #: what a conversion may produce: "auto" (the source's own model; backbone weights for a
@@ -62,7 +61,6 @@ __all__ = [
 TARGETS = ("auto", "model", "backbone", "classifier")
 
 Tensor = torch.Tensor
-_AUTHOR = "d2_involution.checkpoint"
 
 
 @dataclass
@@ -333,6 +331,78 @@ def _resolve_target(source: OfficialSource, target: str) -> str:
     return target
 
 
+def _rename(
+    sd: Dict[str, Tensor], source: OfficialSource, report: "ConversionReport"
+) -> Dict[str, Tensor]:
+    """Every official tensor under its d2_involution name (Paddle's fc transposed)."""
+    mapper = _key_mapper(source, report.target)
+    out: Dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key.endswith("num_batches_tracked"):
+            report.dropped_buffers += 1
+            continue
+        new = mapper(key)
+        if new is None:
+            report.no_counterpart.append(key)
+            continue
+        if new in out:
+            raise ValueError(f"checkpoint: two official keys map onto {new!r} (second: {key!r})")
+        if source.framework == "paddle" and key == "fc.weight":
+            value = value.t()
+            report.transforms.append("fc.weight: PaddlePaddle Linear (in, out) -> (out, in)")
+        out[new] = value.contiguous()
+        report.converted.append((key, new))
+    return out
+
+
+def _fit_stem_kernel(
+    out: Dict[str, Tensor],
+    source: OfficialSource,
+    report: "ConversionReport",
+    wanted: Optional[int],
+) -> None:
+    """Leave out a stem kernel generator whose kernel differs from the model's, and say so."""
+    target = report.target
+    if wanted is None:
+        wanted = (
+            3 if target == "classifier" else (source.stem_kernel if target == "model" else None)
+        )
+    if wanted is not None and wanted != source.stem_kernel:
+        prefix = _backbone_prefix(source, target)
+        for suffix in ("weight", "bias"):
+            k = f"{prefix}stem.involution.conv2.conv.{suffix}"
+            shape = tuple(out.pop(k).shape)
+            want = (2 * wanted * wanted,) + shape[1:]
+            report.shape_mismatch.append(
+                f"{k}: checkpoint {shape} ({source.stem_kernel}x{source.stem_kernel} stem "
+                f"involution) vs model {want} ({wanted}x{wanted}); left out"
+            )
+        report.converted = [(a, b) for a, b in report.converted if b in out]
+    elif source.stem_kernel != 7 and target == "backbone":
+        report.shape_mismatch.append(
+            f"stem.involution.conv2.conv.weight/bias: {source.stem_kernel}x{source.stem_kernel} "
+            "stem involution vs the detection/segmentation configs' 7x7 "
+            "(MODEL.REDNET.STEM_INVOLUTION_KERNEL 7): kept in the file for the classifier, skipped "
+            "with a warning when loading into a 7x7-stem model (its kernel generator stays "
+            "randomly initialised, as in the official detectors)"
+        )
+
+
+def _permute_retinanet_anchors(
+    out: Dict[str, Tensor], source: OfficialSource, report: "ConversionReport", num_scales: int
+) -> None:
+    perm = anchor_permutation(source.num_anchors, num_scales)
+    for name in ("head.cls_score", "head.bbox_pred"):
+        for suffix in ("weight", "bias"):
+            out[f"{name}.{suffix}"] = _permute_anchors(out[f"{name}.{suffix}"], perm)
+    report.transforms.append(
+        f"head.cls_score/bbox_pred: output channels permuted from mmdet's ratio-major anchor "
+        f"order to Detectron2's size-major order ({source.num_anchors} anchors = "
+        f"{num_scales} sizes x {source.num_anchors // num_scales} ratios; "
+        f"Detectron2 anchor a <- mmdet anchor {perm})"
+    )
+
+
 def convert_state_dict(
     sd: Dict[str, Tensor],
     source: Optional[OfficialSource] = None,
@@ -359,108 +429,12 @@ def convert_state_dict(
         )
     if stem_kernel is not None and (stem_kernel < 1 or stem_kernel % 2 == 0):
         raise ValueError(f"stem_kernel must be a positive odd int, got {stem_kernel!r}")
-    target = _resolve_target(source, target)
-    report = ConversionReport(source=source, target=target)
-    mapper = _key_mapper(source, target)
-    out: Dict[str, Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith("num_batches_tracked"):
-            report.dropped_buffers += 1
-            continue
-        new = mapper(key)
-        if new is None:
-            report.no_counterpart.append(key)
-            continue
-        if new in out:
-            raise ValueError(f"checkpoint: two official keys map onto {new!r} (second: {key!r})")
-        if source.framework == "paddle" and key == "fc.weight":
-            value = value.t()
-            report.transforms.append("fc.weight: PaddlePaddle Linear (in, out) -> (out, in)")
-        out[new] = value.contiguous()
-        report.converted.append((key, new))
-
-    want_stem = stem_kernel
-    if want_stem is None:
-        want_stem = (
-            3 if target == "classifier" else (source.stem_kernel if target == "model" else None)
-        )
-    if want_stem is not None and want_stem != source.stem_kernel:
-        prefix = _backbone_prefix(source, target)
-        for suffix in ("weight", "bias"):
-            k = f"{prefix}stem.involution.conv2.conv.{suffix}"
-            shape = tuple(out.pop(k).shape)
-            want = (2 * want_stem * want_stem,) + shape[1:]
-            report.shape_mismatch.append(
-                f"{k}: checkpoint {shape} ({source.stem_kernel}x{source.stem_kernel} stem "
-                f"involution) vs model {want} ({want_stem}x{want_stem}); left out"
-            )
-        report.converted = [(a, b) for a, b in report.converted if b in out]
-    elif source.stem_kernel != 7 and target == "backbone":
-        report.shape_mismatch.append(
-            f"stem.involution.conv2.conv.weight/bias: {source.stem_kernel}x{source.stem_kernel} "
-            "stem involution vs the detection/segmentation configs' 7x7 "
-            "(MODEL.REDNET.STEM_INVOLUTION_KERNEL 7): kept in the file for the classifier, skipped "
-            "with a warning when loading into a 7x7-stem model (its kernel generator stays "
-            "randomly initialised, as in the official detectors)"
-        )
-
-    if source.arch == "retinanet" and target == "model":
-        perm = anchor_permutation(source.num_anchors, retinanet_num_scales)
-        for name in ("head.cls_score", "head.bbox_pred"):
-            for suffix in ("weight", "bias"):
-                out[f"{name}.{suffix}"] = _permute_anchors(out[f"{name}.{suffix}"], perm)
-        report.transforms.append(
-            f"head.cls_score/bbox_pred: output channels permuted from mmdet's ratio-major anchor "
-            f"order to Detectron2's size-major order ({source.num_anchors} anchors = "
-            f"{retinanet_num_scales} sizes x {source.num_anchors // retinanet_num_scales} ratios; "
-            f"Detectron2 anchor a <- mmdet anchor {perm})"
-        )
+    report = ConversionReport(source=source, target=_resolve_target(source, target))
+    out = _rename(sd, source, report)
+    _fit_stem_kernel(out, source, report, stem_kernel)
+    if source.arch == "retinanet" and report.target == "model":
+        _permute_retinanet_anchors(out, source, report, retinanet_num_scales)
     return out, report
-
-
-def save_detectron2_checkpoint(
-    path: str, state_dict: Dict[str, Tensor], *, matching_heuristics: bool, extra: Dict
-) -> str:
-    """Write ``{"model": ..., ...}`` for ``DetectionCheckpointer`` atomically (temp file + rename),
-    so a failure never leaves a partial file at ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"dst: directory {directory!r} does not exist")
-    payload = {
-        "model": state_dict,
-        "__author__": _AUTHOR,
-        "matching_heuristics": matching_heuristics,
-    }
-    payload.update(extra)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _write_backbone_file(dst: str, out: Dict[str, Tensor]) -> None:
-    """Backbone weights in the classification trainer's export format (``export_backbone``:
-    RedNet names, matched by suffix into any RedNet config), written atomically."""
-    from ..classification import export_backbone
-
-    directory = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(directory):
-        raise ValueError(f"dst: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
-    os.close(fd)
-    try:
-        export_backbone(out, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _source_dict(source: OfficialSource) -> Dict:
@@ -549,7 +523,7 @@ def convert_official_checkpoint(
     report.config_hint = _config_hint(source, report.target)
     if dst is not None:
         if report.target == "backbone":
-            _write_backbone_file(dst, out)
+            export_backbone(out, dst)
         else:
             extra = {"official_source": _source_dict(source)}
             save_detectron2_checkpoint(dst, out, matching_heuristics=False, extra=extra)
@@ -563,13 +537,13 @@ def _check_class_order(meta: Dict, source: OfficialSource, target: str) -> Optio
     names = meta.get("CLASSES") if isinstance(meta, dict) else None
     if target != "model" or not names or source.arch in ("classifier", "backbone"):
         return None
-    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+    from detectron2.data import MetadataCatalog
 
     if source.framework == "mmseg":
-        dataset, ours = "cityscapes_fine_sem_seg_*", _get_builtin_metadata("cityscapes")
-        ours = ours["stuff_classes"]
+        dataset = "cityscapes_fine_sem_seg_*"
+        ours = MetadataCatalog.get("cityscapes_fine_sem_seg_val").stuff_classes
     else:
-        dataset, ours = "coco_2017_*", _get_builtin_metadata("coco")["thing_classes"]
+        dataset, ours = "coco_2017_*", MetadataCatalog.get("coco_2017_val").thing_classes
     names = [str(n) for n in names]
     if names == list(ours):
         return f"the checkpoint's {len(names)} classes are {dataset}'s, in the same order"
@@ -598,12 +572,21 @@ _EVAL_CONFIGS = {
     ("semantic_fpn", "involution", None): "semantic_fpn_rednet50_involution_fpn_512x1024_80k.yaml",
     ("upernet", None, None): "upernet_rednet50_512x1024_80k.yaml",
 }
+_CONFIG_DIRS = {
+    "faster_rcnn": "COCO-Detection",
+    "retinanet": "COCO-Detection",
+    "mask_rcnn": "COCO-InstanceSegmentation",
+    "semantic_fpn": "Cityscapes",
+    "upernet": "Cityscapes",
+}
 
 
 def _config_hint(source: OfficialSource, target: str) -> Optional[str]:
+    """The training config whose model this is, evaluated with the converted MODEL.WEIGHTS."""
     if target != "model":
         return None
     name = _EVAL_CONFIGS.get((source.arch, source.neck, source.head))
     if name is None or source.depth != 50:
         return None
-    return f"configs/Official/{name} (MODEL.WEIGHTS <this file>)"
+    config = f"configs/{_CONFIG_DIRS[source.arch]}/{name}"
+    return f"train_net.py --config-file {config} --eval-only MODEL.WEIGHTS <this file>"

@@ -22,26 +22,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["OfficialSource", "read_official_file", "detect_source", "STAGE_BLOCKS"]
+from ..modeling.rednet import REDNET_DEPTHS
 
-#: blocks per stage (layer1..layer4) of each official RedNet depth.
-STAGE_BLOCKS: Dict[int, Tuple[int, int, int, int]] = {
-    26: (1, 2, 4, 1),
-    38: (2, 3, 5, 2),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-}
-
-_ARCHS = (
-    "classifier",
-    "backbone",
-    "faster_rcnn",
-    "mask_rcnn",
-    "retinanet",
-    "semantic_fpn",
-    "upernet",
-)
+__all__ = ["OfficialSource", "read_official_file", "detect_source"]
 
 
 @dataclass
@@ -115,6 +98,11 @@ def read_official_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
         obj = _unpickle(path, data)
     except _NotOnlyTensors as e:
         raise ValueError(f"checkpoint: {path!r}: {e}") from None
+    return _split_checkpoint(obj, path)
+
+
+def _split_checkpoint(obj: Any, path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], str]:
+    """(state dict of CPU tensors, meta, container format) of an unpickled checkpoint."""
     if not isinstance(obj, dict):
         raise ValueError(
             f"checkpoint: {path!r} holds a {type(obj).__name__}, expected a dict "
@@ -178,9 +166,14 @@ class _NotOnlyTensors(ValueError):
 
 
 def _numpy_globals() -> list:
-    """numpy objects OpenMMLab metadata may hold (scalars, dtypes, arrays)."""
-    core = getattr(np, "_core", None) or np.core
-    found = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    """numpy objects OpenMMLab metadata may hold (scalars, dtypes, arrays).
+
+    The array and scalar reconstructors are taken from how numpy pickles its own objects, so the
+    module they live in (``numpy.core`` before numpy 2, ``numpy._core`` since) does not matter.
+    """
+    reconstruct = np.ndarray((0,)).__reduce__()[0]
+    scalar = np.float32(0).__reduce__()[0]
+    found = [np.ndarray, np.dtype, reconstruct, scalar]
     found += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
     return found
 
@@ -251,12 +244,12 @@ def _block_counts(keys, prefix: str) -> Tuple[int, ...]:
 
 
 def _depth_from_counts(counts: Tuple[int, ...], where: str) -> int:
-    for depth, blocks in STAGE_BLOCKS.items():
-        if counts == blocks:
+    for depth, blocks in REDNET_DEPTHS.items():
+        if counts == tuple(blocks):
             return depth
     raise ValueError(
         f"checkpoint: {where} has {counts} blocks in layer1..layer4, which is no official RedNet "
-        f"(known: {', '.join(f'{d}: {b}' for d, b in STAGE_BLOCKS.items())})"
+        f"(known: {', '.join(f'{d}: {tuple(b)}' for d, b in REDNET_DEPTHS.items())})"
     )
 
 
@@ -270,16 +263,19 @@ def _unknown_layout(sd: Dict[str, torch.Tensor]) -> ValueError:
     )
 
 
-def detect_source(sd: Dict[str, torch.Tensor], container: str = "state_dict") -> OfficialSource:
-    """Recognise the official network behind a state dict (raises ``ValueError`` if unknown)."""
-    keys = list(sd)
+def _has_prefix(sd: Dict[str, torch.Tensor], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in sd)
+
+
+def _backbone_of(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, int]:
+    """(key prefix, depth, stem involution kernel) of the RedNet in ``sd``."""
     if "backbone.stem.0.conv.weight" in sd:
         prefix = "backbone."
     elif "stem.0.conv.weight" in sd and "layer1.0.conv1.weight" in sd:
         prefix = ""
     else:
         raise _unknown_layout(sd)
-    depth = _depth_from_counts(_block_counts(keys, prefix), "the backbone")
+    depth = _depth_from_counts(_block_counts(list(sd), prefix), "the backbone")
     kgen = sd.get(prefix + "stem.1.conv2.conv.weight")
     if kgen is None:
         raise _unknown_layout(sd)
@@ -290,89 +286,101 @@ def detect_source(sd: Dict[str, torch.Tensor], container: str = "state_dict") ->
             f"checkpoint: stem involution kernel generator has {kgen.shape[0]} outputs, expected "
             "2*K*K for an odd K (18 for the classifiers' K=3, 98 for the detectors' K=7)"
         )
+    return prefix, depth, stem_kernel
 
-    if prefix == "":
-        is_paddle = prefix + "stem.0.bn._mean" in sd or container == "pdparams"
-        if not is_paddle:
-            raise _unknown_layout(sd)
-        fc = sd.get("fc.weight")
-        return OfficialSource(
-            "paddle",
-            "classifier",
-            depth,
-            stem_kernel,
-            num_classes=None if fc is None else fc.shape[1],
-        )
 
-    def has(p: str) -> bool:
-        return any(k.startswith(p) for k in keys)
-
-    neck = None
+def _neck_of(sd: Dict[str, torch.Tensor]) -> Optional[str]:
     if "neck.fpn_convs.0.conv1.conv.weight" in sd:
-        neck = "involution"
-    elif "neck.fpn_convs.0.conv.weight" in sd:
-        neck = "conv"
-    elif has("neck."):
-        sample = sorted(k for k in keys if k.startswith("neck."))[:3]
+        return "involution"
+    if "neck.fpn_convs.0.conv.weight" in sd:
+        return "conv"
+    if _has_prefix(sd, "neck."):
+        sample = sorted(k for k in sd if k.startswith("neck."))[:3]
         raise ValueError(
             "checkpoint: unknown neck layout: 'neck.*' has neither FPN ('neck.fpn_convs.0.conv.*') "
             f"nor involution FPN ('neck.fpn_convs.0.conv1.*') keys, e.g. {sample}"
         )
+    return None
 
-    if has("rpn_head.") and has("roi_head."):
-        head = "involution" if "rpn_head.rpn_conv.conv1.conv.weight" in sd else "conv"
-        cls = sd.get("roi_head.bbox_head.fc_cls.weight")
-        if cls is None:
-            raise ValueError(
-                "checkpoint: two-stage detector without 'roi_head.bbox_head.fc_cls.weight'"
-            )
-        arch = "mask_rcnn" if has("roi_head.mask_head.") else "faster_rcnn"
-        if arch == "mask_rcnn":
-            mask_inv = "roi_head.mask_head.convs.0.0.conv1.conv.weight" in sd
-            if mask_inv != (head == "involution"):
-                raise ValueError(
-                    "checkpoint: RPN and mask heads disagree (one involution, one convolution); "
-                    "no official model has that layout"
-                )
-        return OfficialSource(
-            "mmdet",
-            arch,
-            depth,
-            stem_kernel,
-            neck=neck,
-            head=head,
-            num_classes=cls.shape[0] - 1,
-            num_anchors=sd["rpn_head.rpn_cls.weight"].shape[0],
-        )
-    if "bbox_head.retina_cls.weight" in sd:
-        reg = sd["bbox_head.retina_reg.weight"]
-        num_anchors = reg.shape[0] // 4
-        return OfficialSource(
-            "mmdet",
-            "retinanet",
-            depth,
-            stem_kernel,
-            neck=neck,
-            head="conv",
-            num_classes=sd["bbox_head.retina_cls.weight"].shape[0] // num_anchors,
-            num_anchors=num_anchors,
-        )
-    if "decode_head.conv_seg.weight" in sd:
-        n = sd["decode_head.conv_seg.weight"].shape[0]
-        if has("decode_head.scale_heads."):
-            return OfficialSource(
-                "mmseg", "semantic_fpn", depth, stem_kernel, neck=neck, num_classes=n
-            )
-        if has("decode_head.psp_modules."):
-            return OfficialSource("mmseg", "upernet", depth, stem_kernel, neck=neck, num_classes=n)
+
+def _two_stage_source(
+    sd: Dict[str, torch.Tensor], depth: int, stem_kernel: int, neck: Optional[str]
+) -> OfficialSource:
+    head = "involution" if "rpn_head.rpn_conv.conv1.conv.weight" in sd else "conv"
+    cls = sd.get("roi_head.bbox_head.fc_cls.weight")
+    if cls is None:
         raise ValueError(
-            "checkpoint: unknown mmseg decode head: expected FPNHead ('decode_head.scale_heads.*') "
-            "or UPerHead ('decode_head.psp_modules.*')"
+            "checkpoint: two-stage detector without 'roi_head.bbox_head.fc_cls.weight'"
         )
+    arch = "mask_rcnn" if _has_prefix(sd, "roi_head.mask_head.") else "faster_rcnn"
+    mask_inv = "roi_head.mask_head.convs.0.0.conv1.conv.weight" in sd
+    if arch == "mask_rcnn" and mask_inv != (head == "involution"):
+        raise ValueError(
+            "checkpoint: RPN and mask heads disagree (one involution, one convolution); "
+            "no official model has that layout"
+        )
+    return OfficialSource(
+        "mmdet",
+        arch,
+        depth,
+        stem_kernel,
+        neck=neck,
+        head=head,
+        num_classes=cls.shape[0] - 1,
+        num_anchors=sd["rpn_head.rpn_cls.weight"].shape[0],
+    )
+
+
+def _retinanet_source(
+    sd: Dict[str, torch.Tensor], depth: int, stem_kernel: int, neck: Optional[str]
+) -> OfficialSource:
+    num_anchors = sd["bbox_head.retina_reg.weight"].shape[0] // 4
+    num_classes = sd["bbox_head.retina_cls.weight"].shape[0] // num_anchors
+    return OfficialSource(
+        "mmdet",
+        "retinanet",
+        depth,
+        stem_kernel,
+        neck=neck,
+        head="conv",
+        num_classes=num_classes,
+        num_anchors=num_anchors,
+    )
+
+
+def _segmentation_source(
+    sd: Dict[str, torch.Tensor], depth: int, stem_kernel: int, neck: Optional[str]
+) -> OfficialSource:
+    n = sd["decode_head.conv_seg.weight"].shape[0]
+    if _has_prefix(sd, "decode_head.scale_heads."):
+        return OfficialSource("mmseg", "semantic_fpn", depth, stem_kernel, neck=neck, num_classes=n)
+    if _has_prefix(sd, "decode_head.psp_modules."):
+        return OfficialSource("mmseg", "upernet", depth, stem_kernel, neck=neck, num_classes=n)
+    raise ValueError(
+        "checkpoint: unknown mmseg decode head: expected FPNHead ('decode_head.scale_heads.*') "
+        "or UPerHead ('decode_head.psp_modules.*')"
+    )
+
+
+def detect_source(sd: Dict[str, torch.Tensor], container: str = "state_dict") -> OfficialSource:
+    """Recognise the official network behind a state dict (raises ``ValueError`` if unknown)."""
+    prefix, depth, stem_kernel = _backbone_of(sd)
+    if prefix == "":
+        if "stem.0.bn._mean" not in sd and container != "pdparams":
+            raise _unknown_layout(sd)
+        fc = sd.get("fc.weight")
+        num_classes = None if fc is None else fc.shape[1]
+        return OfficialSource("paddle", "classifier", depth, stem_kernel, num_classes=num_classes)
+    neck = _neck_of(sd)
+    if _has_prefix(sd, "rpn_head.") and _has_prefix(sd, "roi_head."):
+        return _two_stage_source(sd, depth, stem_kernel, neck)
+    if "bbox_head.retina_cls.weight" in sd:
+        return _retinanet_source(sd, depth, stem_kernel, neck)
+    if "decode_head.conv_seg.weight" in sd:
+        return _segmentation_source(sd, depth, stem_kernel, neck)
     if "head.fc.weight" in sd:
-        return OfficialSource(
-            "mmcls", "classifier", depth, stem_kernel, num_classes=sd["head.fc.weight"].shape[0]
-        )
-    if neck is None and not any(not k.startswith("backbone.") for k in keys):
+        num_classes = sd["head.fc.weight"].shape[0]
+        return OfficialSource("mmcls", "classifier", depth, stem_kernel, num_classes=num_classes)
+    if neck is None and all(k.startswith("backbone.") for k in sd):
         return OfficialSource("openmmlab", "backbone", depth, stem_kernel)
     raise _unknown_layout(sd)

@@ -14,6 +14,7 @@ Keys added here (all other keys keep Detectron2's meaning):
   :func:`scale_solver_to_actual_batch`).
 * ``TEST.CLS.IMS_PER_GPU`` (evaluation batch per process), ``TEST.CLS.TOPK``.
 
+``MODEL.META_ARCHITECTURE`` is ``"RedNetClassifier"`` (``build_model(cfg)`` builds the classifier).
 Detectron2 keys this trainer uses with their usual meaning: ``SOLVER.IMS_PER_BATCH`` (total batch of
 one optimizer step), ``SOLVER.REFERENCE_WORLD_SIZE``, ``SOLVER.BASE_LR``, ``MOMENTUM``,
 ``NESTEROV``, ``WEIGHT_DECAY``, ``WEIGHT_DECAY_NORM``, ``LR_SCHEDULER_NAME``, ``WARMUP_*``,
@@ -46,6 +47,7 @@ def add_classification_config(cfg: CN) -> CN:
     cfg.MODEL.CLS.LABEL_SMOOTHING = 0.0
 
     # The ImageNet classifiers: stem involution 3x3, trainable BatchNorm, only res5 is needed.
+    cfg.MODEL.META_ARCHITECTURE = "RedNetClassifier"
     cfg.MODEL.REDNET.STEM_INVOLUTION_KERNEL = 3
     cfg.MODEL.REDNET.NORM = "BN"
     cfg.MODEL.REDNET.OUT_FEATURES = ["res5"]
@@ -110,6 +112,32 @@ def scale_solver_to_actual_batch(cfg: CN, world_size: int, num_train_images: int
     """
     s = cfg.SOLVER
     accum = s.CLS.ACCUMULATION_STEPS
+    per_gpu = _per_gpu_batch(s, world_size, accum)
+    actual = per_gpu * world_size * accum
+    reference = s.CLS.REFERENCE_BATCH or s.IMS_PER_BATCH
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    _rescale_solver(cfg, actual / reference)
+    if s.CLS.EPOCHS > 0:
+        if num_train_images < 1:
+            raise ValueError(f"num_train_images must be >= 1, got {num_train_images}")
+        s.MAX_ITER = int(math.ceil(s.CLS.EPOCHS * num_train_images / actual))
+    s.IMS_PER_BATCH = actual
+    s.REFERENCE_WORLD_SIZE = 0
+    s.CLS.REFERENCE_BATCH = actual
+    if frozen:
+        cfg.freeze()
+    logger.info(
+        f"Batch: {per_gpu} images/GPU x {world_size} GPUs x {accum} accumulation steps = {actual} "
+        f"per optimizer step (reference {reference}): BASE_LR {s.BASE_LR:.6g}, WARMUP_ITERS "
+        f"{s.WARMUP_ITERS}, MAX_ITER {s.MAX_ITER}"
+        + (f" ({s.CLS.EPOCHS} epochs of {num_train_images} images)" if s.CLS.EPOCHS > 0 else "")
+    )
+    return cfg
+
+
+def _per_gpu_batch(s: CN, world_size: int, accum: int) -> int:
+    """Images per GPU and micro-batch that ``SOLVER.IMS_PER_BATCH`` asks for (see above)."""
     if not isinstance(accum, int) or accum < 1:
         raise ValueError(f"SOLVER.CLS.ACCUMULATION_STEPS must be an int >= 1, got {accum!r}")
     if not isinstance(world_size, int) or world_size < 1:
@@ -131,33 +159,17 @@ def scale_solver_to_actual_batch(cfg: CN, world_size: int, num_train_images: int
         per_gpu = configured // (world_size * accum)
     if per_gpu < 1:
         raise ValueError(f"per-GPU batch must be >= 1, got {per_gpu} (SOLVER.IMS_PER_BATCH)")
-    actual = per_gpu * world_size * accum
-    reference = s.CLS.REFERENCE_BATCH or configured
-    scale = actual / reference
+    return per_gpu
 
-    frozen = cfg.is_frozen()
-    cfg.defrost()
+
+def _rescale_solver(cfg: CN, scale: float) -> None:
+    """Linear LR scaling by ``scale``; warm-up, checkpoint and eval periods in images kept."""
+    s = cfg.SOLVER
     s.BASE_LR = s.BASE_LR * scale
     s.WARMUP_ITERS = int(round(s.WARMUP_ITERS / scale))
     s.CHECKPOINT_PERIOD = max(1, int(round(s.CHECKPOINT_PERIOD / scale)))
     if cfg.TEST.EVAL_PERIOD > 0:
         cfg.TEST.EVAL_PERIOD = max(1, int(round(cfg.TEST.EVAL_PERIOD / scale)))
-    if s.CLS.EPOCHS > 0:
-        if num_train_images < 1:
-            raise ValueError(f"num_train_images must be >= 1, got {num_train_images}")
-        s.MAX_ITER = int(math.ceil(s.CLS.EPOCHS * num_train_images / actual))
-    s.IMS_PER_BATCH = actual
-    s.REFERENCE_WORLD_SIZE = 0
-    s.CLS.REFERENCE_BATCH = actual
-    if frozen:
-        cfg.freeze()
-    logger.info(
-        f"Batch: {per_gpu} images/GPU x {world_size} GPUs x {accum} accumulation steps = {actual} "
-        f"per optimizer step (reference {reference}): BASE_LR {s.BASE_LR:.6g}, WARMUP_ITERS "
-        f"{s.WARMUP_ITERS}, MAX_ITER {s.MAX_ITER}"
-        + (f" ({s.CLS.EPOCHS} epochs of {num_train_images} images)" if s.CLS.EPOCHS > 0 else "")
-    )
-    return cfg
 
 
 def per_gpu_batch(cfg: CN, world_size: int) -> int:

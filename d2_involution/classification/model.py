@@ -3,22 +3,27 @@
 from typing import Dict, Mapping, Sequence, Union
 
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone
 from torch import nn
 from torch.nn import functional as F
 
-from ..modeling.rednet import build_rednet
+from ..modeling import build_rednet
 from .config import IMAGENET_RGB_MEAN, IMAGENET_RGB_STD
 
-__all__ = ["RedNetClassifier", "build_classifier"]
+__all__ = ["RedNetClassifier"]
 
 
+@META_ARCH_REGISTRY.register()
 class RedNetClassifier(nn.Module):
-    """RedNet backbone (stem involution 3x3, ``res5`` output) + global average pooling + ``fc``.
+    """A backbone's last feature, global average pooling and ``fc``: the official ImageNet RedNets.
 
-    State-dict keys are ``backbone.*`` (the detection backbone's names) and ``fc.*`` (the official
-    ``head.fc.*``); with 1000 classes the parameter counts are the official ones (RedNet-26:
-    9,233,166; -38: 12,386,986; -50: 15,540,806; -101: 25,652,950; -152: 33,984,582).
+    Built as ``RedNetClassifier(backbone, num_classes)`` or from a classification config
+    (``build_model(cfg)`` with ``MODEL.META_ARCHITECTURE "RedNetClassifier"``: RedNet from
+    ``MODEL.REDNET``/``MODEL.INVOLUTION``, stem involution 3x3, ``res5`` output). State-dict keys
+    are ``backbone.*`` (the detection backbone's names) and ``fc.*`` (the official ``head.fc.*``);
+    with 1000 classes the parameter counts are the official ones (RedNet-26: 9,233,166;
+    -38: 12,386,986; -50: 15,540,806; -101: 25,652,950; -152: 33,984,582).
 
     ``forward`` takes either a float tensor that is already normalised (returns logits, like a
     torchvision model) or a batch dict from the classification loader, ``{"image": uint8 RGB
@@ -27,24 +32,22 @@ class RedNetClassifier(nn.Module):
     otherwise the logits.
     """
 
+    @configurable
     def __init__(
         self,
-        depth: int = 50,
+        backbone: Backbone,
         num_classes: int = 1000,
         *,
-        norm: str = "BN",
         label_smoothing: float = 0.0,
         pixel_mean: Sequence[float] = IMAGENET_RGB_MEAN,
         pixel_std: Sequence[float] = IMAGENET_RGB_STD,
-        stem_involution_kernel: int = 3,
-        kernel_size: int = 7,
-        group_channels: int = 16,
-        reduction_ratio: int = 4,
-        zero_init_residual: bool = True,
-        stem_out_channels: int = 64,
-        res2_out_channels: int = 256,
     ):
         super().__init__()
+        if not isinstance(backbone, Backbone):
+            raise TypeError(
+                "RedNetClassifier: backbone must be a Detectron2 Backbone (e.g. from "
+                f"build_rednet), got {type(backbone).__name__}"
+            )
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(
                 f"RedNetClassifier: num_classes must be an int >= 1, got {num_classes!r}"
@@ -58,20 +61,9 @@ class RedNetClassifier(nn.Module):
                 f"RedNetClassifier: pixel_mean/pixel_std need 3 values, got {list(pixel_mean)} "
                 f"and {list(pixel_std)}"
             )
-        self.backbone = build_rednet(
-            depth,
-            stem_involution_kernel=stem_involution_kernel,
-            norm=norm,
-            out_features=["res5"],
-            kernel_size=kernel_size,
-            group_channels=group_channels,
-            reduction_ratio=reduction_ratio,
-            zero_init_residual=zero_init_residual,
-            stem_out_channels=stem_out_channels,
-            res2_out_channels=res2_out_channels,
-        )
-        channels = self.backbone.output_shape()["res5"].channels
-        self.fc = nn.Linear(channels, num_classes)
+        self.backbone = backbone
+        self.in_feature, shape = max(backbone.output_shape().items(), key=lambda kv: kv[1].stride)
+        self.fc = nn.Linear(shape.channels, num_classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
         self.num_classes = num_classes
@@ -79,13 +71,23 @@ class RedNetClassifier(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
 
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        return {
+            "backbone": build_rednet(cfg, out_features=["res5"]),
+            "num_classes": cfg.MODEL.CLS.NUM_CLASSES,
+            "label_smoothing": cfg.MODEL.CLS.LABEL_SMOOTHING,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) of normalised float images (N, 3, H, W)."""
-        features = self.backbone(images)["res5"]
+        features = self.backbone(images)[self.in_feature]
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
 
     def forward(
@@ -106,25 +108,3 @@ class RedNetClassifier(nn.Module):
         labels = inputs["label"].to(self.device, non_blocking=True)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         return {"loss_cls": loss}
-
-
-def build_classifier(cfg: CfgNode, num_classes: int) -> RedNetClassifier:
-    """A ``RedNetClassifier`` from ``MODEL.REDNET``, ``MODEL.INVOLUTION`` and ``MODEL.CLS``,
-    moved to ``MODEL.DEVICE``."""
-    r, inv = cfg.MODEL.REDNET, cfg.MODEL.INVOLUTION
-    model = RedNetClassifier(
-        r.DEPTH,
-        num_classes,
-        norm=r.NORM,
-        label_smoothing=cfg.MODEL.CLS.LABEL_SMOOTHING,
-        pixel_mean=cfg.MODEL.PIXEL_MEAN,
-        pixel_std=cfg.MODEL.PIXEL_STD,
-        stem_involution_kernel=r.STEM_INVOLUTION_KERNEL,
-        kernel_size=inv.KERNEL_SIZE,
-        group_channels=inv.GROUP_CHANNELS,
-        reduction_ratio=inv.REDUCTION_RATIO,
-        zero_init_residual=r.ZERO_INIT_RESIDUAL,
-        stem_out_channels=r.STEM_OUT_CHANNELS,
-        res2_out_channels=r.RES2_OUT_CHANNELS,
-    )
-    return model.to(torch.device(cfg.MODEL.DEVICE))

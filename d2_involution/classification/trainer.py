@@ -6,54 +6,30 @@ Reused from Detectron2 as they are: the config system, ``launch`` (multi-GPU / m
 ``CommonMetricPrinter`` (with ETA) / ``JSONWriter`` / ``TensorboardXWriter`` writers.
 
 Added: :class:`AccumulatingTrainer` (a ``SimpleTrainer`` whose step sums the gradients of
-``SOLVER.CLS.ACCUMULATION_STEPS`` micro-batches, optionally under AMP), top-k evaluation, the
-batch/LR/iteration resolution of :func:`~.config.scale_solver_to_actual_batch`, and
-``--export-backbone``.
+``SOLVER.CLS.ACCUMULATION_STEPS`` micro-batches, optionally under AMP), top-k evaluation and the
+resumable data order. The command line (set-up, ``--eval-only``, ``--export-backbone``) is
+``tools/train_cls.py``.
 """
 
-import argparse
 import contextlib
 import logging
-import os
 import time
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.engine import (
-    DefaultTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-)
+from detectron2.engine import DefaultTrainer, SimpleTrainer
 from detectron2.evaluation import inference_context, print_csv_format
+from detectron2.modeling import build_model
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
-from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from ..modeling.rednet import build_rednet
-from .config import get_cls_cfg, scale_solver_to_actual_batch
-from .data import (
-    ResumableTrainLoader,
-    build_cls_test_loader,
-    build_cls_train_loader,
-    count_train_images_and_classes,
-    resolve_dataset_root,
-)
-from .export import backbone_state_dict, export_backbone
-from .model import build_classifier
+from .. import compat
+from .data import ResumableTrainLoader, build_cls_test_loader, build_cls_train_loader
 
-__all__ = [
-    "AccumulatingTrainer",
-    "ClassificationTrainer",
-    "argument_parser",
-    "evaluate_classifier",
-    "main",
-    "setup",
-]
+__all__ = ["AccumulatingTrainer", "ClassificationTrainer", "evaluate_classifier"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +168,8 @@ class ClassificationTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
-        model = build_classifier(cfg, cfg.MODEL.CLS.NUM_CLASSES)
+        """``build_model(cfg)`` (a ``RedNetClassifier``), logged by its size, not its layers."""
+        model = build_model(cfg)
         num_params = sum(p.numel() for p in model.parameters())
         logger.info(f"RedNet-{cfg.MODEL.REDNET.DEPTH} classifier, {num_params} parameters")
         return model
@@ -227,7 +204,7 @@ class ClassificationTrainer(DefaultTrainer):
         super().train()
         if self.train_loader.num_skipped:
             logger.warning(f"Unreadable training images skipped: {self.train_loader.num_skipped}")
-        return getattr(self, "_last_eval_results", None)
+        return compat.last_eval_results(self)
 
     # DefaultTrainer's state includes the optimizer and AMP scaler (on v0.6 through
     # d2_involution.compat); the loader's seed is added so a resumed run sees the same batches.
@@ -240,101 +217,3 @@ class ClassificationTrainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "data_seed" in state_dict:
             self.train_loader.seed = state_dict["data_seed"]
-
-
-def argument_parser() -> argparse.ArgumentParser:
-    """Detectron2's ``default_argument_parser`` plus ``--export-backbone``, ``--export-prefix``."""
-    parser = default_argument_parser(
-        epilog="Examples:\n"
-        "  train:  tools/train_cls.py --config-file configs/Shapes-Classification/rednet26.yaml\n"
-        "  eval:   tools/train_cls.py --config-file CFG --eval-only MODEL.WEIGHTS model_final.pth\n"
-        "  export: tools/train_cls.py --config-file CFG --export-backbone rednet_d2.pth "
-        "MODEL.WEIGHTS model_final.pth\n"
-    )
-    parser.add_argument(
-        "--export-backbone",
-        default="",
-        metavar="OUT",
-        help="write the backbone of MODEL.WEIGHTS to OUT (.pth/.pkl) for detection MODEL.WEIGHTS",
-    )
-    parser.add_argument(
-        "--export-prefix",
-        default="",
-        help="prefix for exported names ('' = Detectron2 suffix matching; 'backbone.bottom_up.' "
-        "= exact names of FPN detectors)",
-    )
-    return parser
-
-
-def setup(args: argparse.Namespace) -> CfgNode:
-    """Config from file and command line, resolved (classes, batch, LR, iterations) and frozen."""
-    cfg = get_cls_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    rank = comm.get_rank()
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="d2_involution")
-    if getattr(args, "export_backbone", ""):
-        cfg.freeze()
-        return cfg
-    training = not args.eval_only
-    if training or cfg.MODEL.CLS.NUM_CLASSES == 0:
-        num_images, num_classes = count_train_images_and_classes(cfg)
-        if cfg.MODEL.CLS.NUM_CLASSES == 0:
-            cfg.MODEL.CLS.NUM_CLASSES = num_classes
-        elif cfg.MODEL.CLS.NUM_CLASSES != num_classes:
-            raise ValueError(
-                f"MODEL.CLS.NUM_CLASSES is {cfg.MODEL.CLS.NUM_CLASSES} but the training folder of "
-                f"{cfg.DATASETS.CLS.ROOT!r} has {num_classes} classes"
-            )
-        if training:
-            scale_solver_to_actual_batch(cfg, comm.get_world_size(), num_images)
-    cfg.freeze()
-    default_setup(cfg, args)
-    return cfg
-
-
-def _export(cfg: CfgNode, output: str, prefix: str) -> Dict[str, torch.Tensor]:
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("--export-backbone needs the trained classifier in MODEL.WEIGHTS")
-    r, inv = cfg.MODEL.REDNET, cfg.MODEL.INVOLUTION
-    state = backbone_state_dict(cfg.MODEL.WEIGHTS)
-    expected = build_rednet(
-        r.DEPTH,
-        stem_involution_kernel=r.STEM_INVOLUTION_KERNEL,
-        norm=r.NORM,
-        out_features=["res5"],
-        kernel_size=inv.KERNEL_SIZE,
-        group_channels=inv.GROUP_CHANNELS,
-        reduction_ratio=inv.REDUCTION_RATIO,
-        stem_out_channels=r.STEM_OUT_CHANNELS,
-        res2_out_channels=r.RES2_OUT_CHANNELS,
-    ).state_dict()
-    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != expected[k].shape]
-    extra = [k for k in state if k not in expected]
-    if wrong or extra:
-        raise ValueError(
-            f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} is not a RedNet-{r.DEPTH} classifier of this "
-            f"config: missing/mis-shaped {wrong[:5]}, unexpected {extra[:5]}"
-        )
-    if comm.is_main_process():
-        return export_backbone(cfg.MODEL.WEIGHTS, output, prefix=prefix)
-    return {}
-
-
-def main(args: argparse.Namespace) -> Any:
-    """Train, evaluate (``--eval-only``) or export (``--export-backbone``) as the arguments say."""
-    cfg = setup(args)
-    if args.export_backbone:
-        return _export(cfg, args.export_backbone, args.export_prefix)
-    if args.eval_only:
-        resolve_dataset_root(cfg.DATASETS.CLS.ROOT)
-        model = ClassificationTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        return ClassificationTrainer.test(cfg, model)
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    trainer = ClassificationTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()

@@ -1,13 +1,13 @@
 """The ``Involution`` module: kernel generation (paper, Sec. 3) followed by the involution op."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import involution, involution_fused
-from .norm import get_norm
+from ..ops import has_fused_kernel, involution, involution_fused
+from .norm import get_norm_layer
 
 
 class ConvNormAct(nn.Module):
@@ -30,7 +30,7 @@ class ConvNormAct(nn.Module):
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias
         )
-        self.bn = get_norm(norm, out_channels)
+        self.bn = get_norm_layer(norm, out_channels)
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ class Involution(nn.Module):
     (``ops.involution_fused`` with conv2's weight and bias), so that they are never stored in a
     tensor; the backward regenerates them. The parameters are the same (``conv2.conv.weight`` /
     ``bias``), so checkpoints do not change. ``None`` (default) fuses where it was measured to be
-    faster (:func:`fuse_by_default`); ``False`` always runs the unfused path (for checking).
-    On CUDA tensors the unfused path always runs: there is no fused CUDA kernel yet.
+    faster (:func:`fuse_by_default`: on the CPU up to 128 channels; never on CUDA until a fused
+    CUDA kernel exists and is measured); ``False`` always runs the unfused path (for checking).
     """
 
     def __init__(
@@ -121,14 +121,15 @@ class Involution(nn.Module):
             )
         weight = self.conv2(reduced)
         N, _, Ho, Wo = weight.shape
-        # reshape, not view: under channels_last the generated kernels are not NCHW-contiguous.
-        weight = weight.reshape(N, self.groups, K, K, Ho, Wo)
+        # A view, channels_last included (only the channel dim is split): on CPU tensors the
+        # kernels read that (N, Ho, Wo, G, K, K) order as it is; see ``ops.involution``.
+        weight = weight.view(N, self.groups, K, K, Ho, Wo)
         return involution(x, weight, stride=self.stride, dilation=self.dilation)
 
     def _fuse(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or self.fused is False:
-            return False
-        return self.fused or fuse_by_default(self.channels)
+        if self.fused is not None:
+            return self.fused
+        return fuse_by_default(self.channels, x.device)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """``self.avgpool`` (ceil_mode). Under torch.compile, for sizes not divisible by the
@@ -151,13 +152,16 @@ class Involution(nn.Module):
         )
 
 
-#: ``fused=None`` fuses up to this many channels: the fused CPU kernel regenerates the weights
-#: with its own small matrix products (K*K*G x C/4 per pixel, growing as C^2), which beat the
-#: unfused 1x1 convolution plus the weight tensor's memory traffic at 64 channels and tie at 128,
-#: but lose from 256 channels on (docs/benchmarks.md, tools/benchmark_involution.py --layer).
-FUSE_MAX_CHANNELS = 128
+#: ``fused=None`` fuses, on a device type with a fused kernel, up to this many channels. CPU: the
+#: fused kernel regenerates the weights with its own small matrix products (K*K*G x C/4 per pixel,
+#: growing as C^2), which beat the unfused 1x1 convolution plus the weight tensor's memory traffic
+#: at 64 channels and tie at 128, but lose from 256 channels on (docs/benchmarks.md,
+#: tools/benchmark_involution.py --layer). No CUDA entry until a fused CUDA kernel is measured.
+FUSE_MAX_CHANNELS = {"cpu": 128}
 
 
-def fuse_by_default(channels: int) -> bool:
-    """Whether ``Involution(fused=None)`` fuses kernel generation (CPU tensors) at ``channels``."""
-    return channels <= FUSE_MAX_CHANNELS
+def fuse_by_default(channels: int, device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether ``Involution(fused=None)`` fuses kernel generation at ``channels`` on ``device``."""
+    device = torch.device(device)
+    limit = FUSE_MAX_CHANNELS.get(device.type)
+    return limit is not None and channels <= limit and has_fused_kernel(device)

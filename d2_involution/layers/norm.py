@@ -1,9 +1,12 @@
-"""Normalisation layers by Detectron2 name, plus the detectors' frozen-statistics BatchNorm."""
+"""Normalisation layers by Detectron2 name, plus the detectors' frozen-statistics BatchNorm.
 
-from typing import Union
+"BN", "FrozenStatsBN" and "" need only PyTorch; every other name is looked up in detectron2 (which
+is imported only then), so the layers work without detectron2 installed.
+"""
+
+from typing import Callable, Union
 
 import torch
-from detectron2.layers import get_norm as d2_get_norm
 from torch import nn
 from torch.nn import functional as F
 
@@ -23,19 +26,36 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
         )
 
 
-NORMS = {"FrozenStatsBN": FrozenStatsBatchNorm2d}
+NORMS = {"BN": nn.BatchNorm2d, "FrozenStatsBN": FrozenStatsBatchNorm2d}
+DETECTRON2_NORMS = ("SyncBN", "FrozenBN", "GN", "naiveSyncBN")
 
 
-def get_norm(norm: Union[str, nn.Module, None], out_channels: int) -> nn.Module:
-    """Detectron2's ``get_norm`` plus "FrozenStatsBN"; "" or None means no norm (returns None)."""
+def get_norm_layer(
+    norm: Union[str, Callable[[int], nn.Module], None], out_channels: int
+) -> nn.Module:
+    """Detectron2's ``get_norm`` plus "FrozenStatsBN"; "" or None means no norm (returns None).
+
+    ``norm`` is a name or, as in Detectron2, a callable taking the channel count.
+    """
     if norm is None or norm == "":
         return None
-    if isinstance(norm, str) and norm in NORMS:
+    if not isinstance(norm, str):
+        return norm(out_channels)
+    if norm in NORMS:
         return NORMS[norm](out_channels)
+    try:
+        from detectron2.layers import get_norm as d2_get_norm
+    except ModuleNotFoundError as e:
+        if e.name != "detectron2":
+            raise
+        raise ImportError(
+            f"norm: {norm!r} is a Detectron2 normalisation and detectron2 is not installed; "
+            f"without it use one of '', {', '.join(map(repr, NORMS))}"
+        ) from e
     try:
         return d2_get_norm(norm, out_channels)
     except KeyError:
         raise ValueError(
             f"norm: unknown normalisation {norm!r}; expected one of "
-            f"'', 'BN', 'SyncBN', 'FrozenBN', 'GN', 'naiveSyncBN', {', '.join(map(repr, NORMS))}"
+            f"'', {', '.join(map(repr, NORMS))}, {', '.join(map(repr, DETECTRON2_NORMS))}"
         ) from None

@@ -27,34 +27,37 @@ ours                                    official (mmcls/mmdet/mmseg ``backbone.*
 ``res{k}.{i}.downsample.0`` / ``.1``    ``layer{k-1}.{i}.downsample.0`` / ``.1``
 ======================================  ==================================================
 
-The max-pool has no parameters (``stem.maxpool``). Norms are chosen by Detectron2 name plus
-``"FrozenStatsBN"`` (see :mod:`d2_involution.layers.norm`); ``freeze(at)`` converts the frozen
-part's BatchNorms to ``FrozenBatchNorm2d`` exactly as Detectron2's ResNet does.
+The max-pool has no parameters (``stem.maxpool``). The backbone itself is Detectron2's ``ResNet``
+built from these blocks (as Detectron2's DeepLab builds its own): ``output_shape()``, ``forward``
+and ``freeze(at)`` are ResNet's, and ``freeze`` turns the frozen part's BatchNorms (FrozenStatsBN
+and SyncBN included) into ``FrozenBatchNorm2d``. Norms are chosen by Detectron2 name plus
+``"FrozenStatsBN"`` (see :mod:`d2_involution.layers.norm`).
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, configurable
 from detectron2.layers import CNNBlockBase, ShapeSpec
-from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.backbone import ResNet
 from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import ConvNormAct, Involution, get_norm
+from ..layers import ConvNormAct, Involution, get_norm_layer
+from .involution_blocks import involution_args
 
 __all__ = [
     "REDNET_DEPTHS",
     "RedNetStem",
     "RedNetBlock",
-    "RedNet",
+    "make_rednet_stages",
     "build_rednet",
     "build_rednet_backbone",
 ]
 
-#: blocks per stage (res2, res3, res4, res5) for each supported depth.
+#: blocks per stage (res2, res3, res4, res5) for each depth, as in the official RedNets.
 REDNET_DEPTHS: Dict[int, Sequence[int]] = {
     26: (1, 2, 4, 1),
     38: (2, 3, 5, 2),
@@ -63,11 +66,18 @@ REDNET_DEPTHS: Dict[int, Sequence[int]] = {
     152: (3, 8, 36, 3),
 }
 
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+_OUT_FEATURES = ("stem", "res2", "res3", "res4", "res5")
 
 
 def _apply_norm(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x if norm is None else norm(x)
+
+
+def _msra_fill_convs(module: nn.Module) -> None:
+    """The official init of every conv (Kaiming normal, fan_out, ReLU; biases 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            weight_init.c2_msra_fill(m)
 
 
 class RedNetStem(CNNBlockBase):
@@ -84,8 +94,6 @@ class RedNetStem(CNNBlockBase):
         norm: str = "BN",
     ):
         super().__init__(in_channels, out_channels, 4)
-        if out_channels % 2 != 0:
-            raise ValueError(f"RedNetStem: out_channels must be even, got {out_channels}")
         mid = out_channels // 2
         self.conv1 = ConvNormAct(in_channels, mid, 3, stride=2, padding=1, bias=False, norm=norm)
         self.involution = Involution(
@@ -95,9 +103,10 @@ class RedNetStem(CNNBlockBase):
             reduction_ratio=reduction_ratio,
             norm=norm,
         )
-        self.bn = get_norm(norm, mid)
+        self.bn = get_norm_layer(norm, mid)
         self.conv2 = ConvNormAct(mid, out_channels, 3, stride=1, padding=1, bias=False, norm=norm)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        _msra_fill_convs(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
@@ -107,7 +116,10 @@ class RedNetStem(CNNBlockBase):
 
 
 class RedNetBlock(CNNBlockBase):
-    """RedNet bottleneck: 1x1 conv, Involution (carries stride/dilation), 1x1 conv, residual add."""
+    """RedNet bottleneck: 1x1 conv, Involution (carries stride/dilation), 1x1 conv, residual add.
+
+    ``zero_init_residual`` zero-initialises the last norm's scale (the official init).
+    """
 
     def __init__(
         self,
@@ -121,10 +133,11 @@ class RedNetBlock(CNNBlockBase):
         group_channels: int = 16,
         reduction_ratio: int = 4,
         norm: str = "BN",
+        zero_init_residual: bool = True,
     ):
         super().__init__(in_channels, out_channels, stride)
         self.conv1 = nn.Conv2d(in_channels, bottleneck_channels, 1, bias=False)
-        self.bn1 = get_norm(norm, bottleneck_channels)
+        self.bn1 = get_norm_layer(norm, bottleneck_channels)
         self.conv2 = Involution(
             bottleneck_channels,
             kernel_size=kernel_size,
@@ -134,17 +147,19 @@ class RedNetBlock(CNNBlockBase):
             norm=norm,
             dilation=dilation,
         )
-        self.bn2 = get_norm(norm, bottleneck_channels)
+        self.bn2 = get_norm_layer(norm, bottleneck_channels)
         self.conv3 = nn.Conv2d(bottleneck_channels, out_channels, 1, bias=False)
-        self.bn3 = get_norm(norm, out_channels)
+        self.bn3 = get_norm_layer(norm, out_channels)
+        self.downsample = None
         if stride != 1 or in_channels != out_channels:
             layers = [nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)]
-            shortcut_norm = get_norm(norm, out_channels)
+            shortcut_norm = get_norm_layer(norm, out_channels)
             if shortcut_norm is not None:
                 layers.append(shortcut_norm)
             self.downsample = nn.Sequential(*layers)
-        else:
-            self.downsample = None
+        _msra_fill_convs(self)
+        if zero_init_residual and getattr(self.bn3, "weight", None) is not None:
+            nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(_apply_norm(self.bn1, self.conv1(x)))
@@ -154,130 +169,25 @@ class RedNetBlock(CNNBlockBase):
         return F.relu(out + identity)
 
 
-class RedNet(Backbone):
-    """RedNet backbone: a stem and stages ``res2..res5`` of :class:`RedNetBlock`.
-
-    Mirrors Detectron2's ``ResNet``: ``forward`` returns the requested ``out_features`` (any of
-    ``stem``, ``res2``..``res5``); stages deeper than the deepest requested one are not built;
-    ``freeze(at)`` freezes the stem (1) and stages up to ``res{at}``.
-    """
-
-    def __init__(
-        self,
-        stem: nn.Module,
-        stages: List[List[CNNBlockBase]],
-        out_features: Sequence[str],
-        freeze_at: int = 0,
-    ):
-        super().__init__()
-        self.stem = stem
-        current_stride = stem.stride
-        self._out_feature_strides = {"stem": current_stride}
-        self._out_feature_channels = {"stem": stem.out_channels}
-        self.stage_names: List[str] = []
-        self.stages: List[nn.Sequential] = []
-        for name, blocks in zip(_STAGE_NAMES, stages):
-            if not blocks:
-                raise ValueError(f"RedNet: stage {name} has no blocks")
-            stage = nn.Sequential(*blocks)
-            self.add_module(name, stage)
-            self.stage_names.append(name)
-            self.stages.append(stage)
-            for block in blocks:
-                current_stride *= block.stride
-            self._out_feature_strides[name] = current_stride
-            self._out_feature_channels[name] = blocks[-1].out_channels
-        unknown = [f for f in out_features if f not in self._out_feature_strides]
-        if not out_features or unknown:
-            raise ValueError(
-                f"RedNet: out_features must be a non-empty subset of "
-                f"{list(self._out_feature_strides)}, got {list(out_features)}"
-            )
-        self._out_features = list(out_features)
-        self.freeze(freeze_at)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.dim() != 4:
-            raise ValueError(f"RedNet: expected input (N, C, H, W), got {tuple(x.shape)}")
-        outputs = {}
-        x = self.stem(x)
-        if "stem" in self._out_features:
-            outputs["stem"] = x
-        for name, stage in zip(self.stage_names, self.stages):
-            x = stage(x)
-            if name in self._out_features:
-                outputs[name] = x
-        return outputs
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
-
-    def freeze(self, freeze_at: int = 0) -> "RedNet":
-        """Freeze the stem (``freeze_at >= 1``) and stage ``res{k}`` for every ``k <= freeze_at``.
-
-        Frozen parameters get ``requires_grad=False`` and frozen BatchNorms (including
-        FrozenStatsBN and SyncBN) become ``FrozenBatchNorm2d``, as in Detectron2's ResNet.
-        """
-        if not isinstance(freeze_at, int) or freeze_at < 0 or freeze_at > 5:
-            raise ValueError(f"RedNet.freeze: freeze_at must be an int in [0, 5], got {freeze_at}")
-        if freeze_at >= 1:
-            self.stem.freeze()
-        for idx, stage in enumerate(self.stages, start=2):
-            if freeze_at >= idx:
-                for block in stage.children():
-                    block.freeze()
-        return self
-
-    @staticmethod
-    def make_stage(
-        block_class: type, num_blocks: int, *, in_channels: int, out_channels: int, **kwargs
-    ) -> List[CNNBlockBase]:
-        """Blocks of one stage; a ``*_per_block`` keyword gives one value per block (as ResNet)."""
-        blocks = []
-        for i in range(num_blocks):
-            block_kwargs = {}
-            for key, value in kwargs.items():
-                if key.endswith("_per_block"):
-                    if len(value) != num_blocks:
-                        raise ValueError(
-                            f"RedNet.make_stage: {key} must have num_blocks={num_blocks} "
-                            f"values, got {len(value)}"
-                        )
-                    block_kwargs[key[: -len("_per_block")]] = value[i]
-                else:
-                    block_kwargs[key] = value
-            blocks.append(
-                block_class(in_channels=in_channels, out_channels=out_channels, **block_kwargs)
-            )
-            in_channels = out_channels
-        return blocks
-
-
-def _make_stages(
+def make_rednet_stages(
     depth: int,
     *,
-    stem_out_channels: int = 64,
-    res2_out_channels: int = 256,
     num_stages: int = 4,
+    in_channels: int = 64,
+    res2_out_channels: int = 256,
     res5_dilation: int = 1,
-    kernel_size: int = 7,
-    group_channels: int = 16,
-    reduction_ratio: int = 4,
-    norm: str = "BN",
+    **block_kwargs: Any,
 ) -> List[List[CNNBlockBase]]:
-    in_channels = stem_out_channels
-    out_channels = res2_out_channels
+    """Stages res2.. of RedNet-``depth`` with ``ResNet.make_stage``; ``block_kwargs`` go to every
+    :class:`RedNetBlock`. Each stage doubles the width; the first block of res3..res5 has stride 2
+    (res5: stride 1 and dilation ``res5_dilation`` when that is 2)."""
     stages = []
+    out_channels = res2_out_channels
     for idx, num_blocks in enumerate(REDNET_DEPTHS[depth][:num_stages]):
         dilation = res5_dilation if idx == 3 else 1
         first_stride = 1 if idx == 0 or dilation > 1 else 2
         stages.append(
-            RedNet.make_stage(
+            ResNet.make_stage(
                 RedNetBlock,
                 num_blocks,
                 in_channels=in_channels,
@@ -285,10 +195,7 @@ def _make_stages(
                 bottleneck_channels=out_channels // 4,
                 stride_per_block=[first_stride] + [1] * (num_blocks - 1),
                 dilation=dilation,
-                kernel_size=kernel_size,
-                group_channels=group_channels,
-                reduction_ratio=reduction_ratio,
-                norm=norm,
+                **block_kwargs,
             )
         )
         in_channels = out_channels
@@ -296,22 +203,60 @@ def _make_stages(
     return stages
 
 
-def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
-    """Official init: Kaiming (fan_out, ReLU) convs, norms 1/0, last norm of each block 0."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            weight_init.c2_msra_fill(module)
-        elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-            if module.weight is not None:
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-    if zero_init_residual:
-        for module in model.modules():
-            if isinstance(module, RedNetBlock) and module.bn3 is not None:
-                if getattr(module.bn3, "weight", None) is not None:
-                    nn.init.zeros_(module.bn3.weight)
+def _check_rednet_args(
+    depth: int,
+    norm: str,
+    out_features: Sequence[str],
+    freeze_at: int,
+    res5_dilation: int,
+    channels: Sequence[int],
+) -> None:
+    if depth not in REDNET_DEPTHS:
+        raise ValueError(f"RedNet: depth must be one of {sorted(REDNET_DEPTHS)}, got {depth!r}")
+    if isinstance(out_features, str):
+        raise TypeError(f"RedNet: out_features must be a list of names, got str {out_features!r}")
+    if not out_features or any(f not in _OUT_FEATURES for f in out_features):
+        raise ValueError(
+            f"RedNet: out_features must be a non-empty subset of {list(_OUT_FEATURES)}, "
+            f"got {list(out_features)}"
+        )
+    if not isinstance(freeze_at, int) or not 0 <= freeze_at <= 5:
+        raise ValueError(f"RedNet: freeze_at must be an int in [0, 5], got {freeze_at!r}")
+    if res5_dilation not in (1, 2):
+        raise ValueError(f"RedNet: res5_dilation must be 1 or 2, got {res5_dilation!r}")
+    if any(c % 4 != 0 for c in channels):
+        raise ValueError(
+            "RedNet: stem_out_channels and res2_out_channels must be multiples of 4, got "
+            f"{list(channels)}"
+        )
+    get_norm_layer(norm, 64)  # fail early with a clear message on an unknown norm
+    if norm == "GN":
+        raise ValueError(
+            "RedNet: norm 'GN' (32 groups) does not fit the involution kernel generators, which "
+            "have 8..128 channels; use 'BN', 'SyncBN', 'FrozenBN' or 'FrozenStatsBN'"
+        )
 
 
+def _rednet_args_from_config(cfg: CfgNode, input_shape: Optional[ShapeSpec] = None) -> Dict:
+    """``build_rednet`` arguments from ``MODEL.REDNET``, ``MODEL.INVOLUTION`` and
+    ``MODEL.BACKBONE.FREEZE_AT`` (input channels: ``input_shape`` or ``MODEL.PIXEL_MEAN``)."""
+    r = cfg.MODEL.REDNET
+    return {
+        "depth": r.DEPTH,
+        "stem_involution_kernel": r.STEM_INVOLUTION_KERNEL,
+        "norm": r.NORM,
+        "out_features": list(r.OUT_FEATURES),
+        "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
+        "res5_dilation": r.RES5_DILATION,
+        "zero_init_residual": r.ZERO_INIT_RESIDUAL,
+        "stem_out_channels": r.STEM_OUT_CHANNELS,
+        "res2_out_channels": r.RES2_OUT_CHANNELS,
+        "in_channels": len(cfg.MODEL.PIXEL_MEAN) if input_shape is None else input_shape.channels,
+        **involution_args(cfg),
+    }
+
+
+@configurable(from_config=_rednet_args_from_config)
 def build_rednet(
     depth: int,
     *,
@@ -327,78 +272,35 @@ def build_rednet(
     stem_out_channels: int = 64,
     res2_out_channels: int = 256,
     in_channels: int = 3,
-) -> RedNet:
-    """Build RedNet-``depth`` without a config (used by the config builder and the classifier).
+) -> ResNet:
+    """RedNet-``depth``: Detectron2's ``ResNet`` of a :class:`RedNetStem` and RedNet stages.
 
-    ``stem_involution_kernel`` is 3 for the ImageNet classifiers and 7 for the official
-    detection/segmentation backbones; ``res5_dilation`` 2 keeps res5 at stride 16.
+    Called with arguments, or as ``build_rednet(cfg[, input_shape], **overrides)`` (Detectron2's
+    ``@configurable``). ``stem_involution_kernel`` is 3 for the ImageNet classifiers and 7 for the
+    official detection/segmentation backbones; ``res5_dilation`` 2 keeps res5 at stride 16.
+    Stages deeper than the deepest of ``out_features`` are not built.
     """
-    if depth not in REDNET_DEPTHS:
-        raise ValueError(f"RedNet: depth must be one of {sorted(REDNET_DEPTHS)}, got {depth!r}")
-    if res5_dilation not in (1, 2):
-        raise ValueError(f"RedNet: res5_dilation must be 1 or 2, got {res5_dilation!r}")
-    if isinstance(out_features, str):
-        raise TypeError(f"RedNet: out_features must be a list of names, got str {out_features!r}")
-    allowed = ("stem",) + _STAGE_NAMES
-    bad = [f for f in out_features if f not in allowed]
-    if not out_features or bad:
-        raise ValueError(
-            f"RedNet: out_features must be a non-empty subset of {list(allowed)}, "
-            f"got {list(out_features)}"
-        )
-    if stem_out_channels % 4 != 0 or res2_out_channels % 4 != 0:
-        raise ValueError(
-            "RedNet: stem_out_channels and res2_out_channels must be multiples of 4, got "
-            f"{stem_out_channels} and {res2_out_channels}"
-        )
-    get_norm(norm, 64)  # fail early with a clear message on an unknown norm
-    if norm == "GN":
-        raise ValueError(
-            "RedNet: norm 'GN' (32 groups) does not fit the involution kernel generators, which "
-            "have 8..128 channels; use 'BN', 'SyncBN', 'FrozenBN' or 'FrozenStatsBN'"
-        )
-    num_stages = max(allowed.index(f) for f in out_features)
-    stem = RedNetStem(
-        in_channels,
-        stem_out_channels,
-        involution_kernel=stem_involution_kernel,
-        group_channels=group_channels,
-        reduction_ratio=reduction_ratio,
-        norm=norm,
+    _check_rednet_args(
+        depth, norm, out_features, freeze_at, res5_dilation, (stem_out_channels, res2_out_channels)
     )
-    stages = _make_stages(
+    shared = dict(group_channels=group_channels, reduction_ratio=reduction_ratio, norm=norm)
+    stem = RedNetStem(
+        in_channels, stem_out_channels, involution_kernel=stem_involution_kernel, **shared
+    )
+    stages = make_rednet_stages(
         depth,
-        stem_out_channels=stem_out_channels,
+        num_stages=max(_OUT_FEATURES.index(f) for f in out_features),
+        in_channels=stem_out_channels,
         res2_out_channels=res2_out_channels,
-        num_stages=num_stages,
         res5_dilation=res5_dilation,
         kernel_size=kernel_size,
-        group_channels=group_channels,
-        reduction_ratio=reduction_ratio,
-        norm=norm,
+        zero_init_residual=zero_init_residual,
+        **shared,
     )
-    model = RedNet(stem, stages, out_features=out_features)
-    _init_weights(model, zero_init_residual)
-    return model.freeze(freeze_at)
+    return ResNet(stem, stages, out_features=list(out_features)).freeze(freeze_at)
 
 
 @BACKBONE_REGISTRY.register()
-def build_rednet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> RedNet:
+def build_rednet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNet:
     """RedNet from ``MODEL.REDNET``, ``MODEL.INVOLUTION`` and ``MODEL.BACKBONE.FREEZE_AT``."""
-    r = cfg.MODEL.REDNET
-    inv = cfg.MODEL.INVOLUTION
-    return build_rednet(
-        r.DEPTH,
-        stem_involution_kernel=r.STEM_INVOLUTION_KERNEL,
-        norm=r.NORM,
-        out_features=list(r.OUT_FEATURES),
-        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        res5_dilation=r.RES5_DILATION,
-        kernel_size=inv.KERNEL_SIZE,
-        group_channels=inv.GROUP_CHANNELS,
-        reduction_ratio=inv.REDUCTION_RATIO,
-        zero_init_residual=r.ZERO_INIT_RESIDUAL,
-        stem_out_channels=r.STEM_OUT_CHANNELS,
-        res2_out_channels=r.RES2_OUT_CHANNELS,
-        in_channels=input_shape.channels,
-    )
+    return build_rednet(cfg, input_shape)

@@ -1,8 +1,12 @@
-"""The involution operator (CUDA kernels through CuPy, a C++ CPU kernel, a pure-PyTorch path)."""
+"""The involution operator (CUDA kernels through CuPy, a C++ CPU kernel, a pure-PyTorch path).
+
+Needs only PyTorch (and CuPy for CUDA tensors); detectron2 is not imported.
+"""
 
 from .involution import (
     SUPPORTED_DTYPES,
     generate_weights,
+    has_fused_kernel,
     involution,
     involution_fused,
     involution_output_size,
@@ -13,6 +17,7 @@ from .involution import (
 __all__ = [
     "SUPPORTED_DTYPES",
     "generate_weights",
+    "has_fused_kernel",
     "involution",
     "involution_fused",
     "involution_output_size",

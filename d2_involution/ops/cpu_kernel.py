@@ -292,21 +292,10 @@ def _generator(gen_weight: Tensor, gen_bias: Tensor) -> Tuple[Tensor, Tensor]:
     return gen_weight.reshape(gen_weight.shape[0], -1).contiguous(), gen_bias.contiguous()
 
 
-def _fused_sizes(x: Tensor, reduced: Tensor, M: int, K: int, stride, padding, dilation):
+def _fused_sizes(x: Tensor, reduced: Tensor, geometry: Tuple[int, ...]) -> Tuple[int, ...]:
+    stride, padding, dilation, K, G = geometry
     N, C, H, W = x.shape
-    return (
-        N,
-        C,
-        M // (K * K),
-        H,
-        W,
-        reduced.shape[2],
-        reduced.shape[3],
-        K,
-        stride,
-        padding,
-        dilation,
-    )
+    return (N, C, G, H, W, reduced.shape[2], reduced.shape[3], K, stride, padding, dilation)
 
 
 def fused_forward(
@@ -314,10 +303,11 @@ def fused_forward(
     reduced: Tensor,
     gen_weight: Tensor,
     gen_bias: Tensor,
-    kernel_size: int,
     stride: int,
     padding: int,
     dilation: int,
+    kernel_size: int,
+    groups: int,
 ) -> Tensor:
     """Involution with weights generated from ``reduced`` inside the kernel; out in x's layout."""
     lay = layout(x)
@@ -326,7 +316,7 @@ def fused_forward(
     if _empty_inputs(out, x):
         return out.zero_()
     A, b = _generator(gen_weight, gen_bias)
-    sizes = _fused_sizes(x, reduced, A.shape[0], kernel_size, stride, padding, dilation)
+    sizes = _fused_sizes(x, reduced, (stride, padding, dilation, kernel_size, groups))
     x, red = _dense_map(x, lay), _dense_map(reduced, lay)
     _call("fused_forward", lay, (x, red, A, b, out), (red.shape[1],), sizes)
     return out
@@ -338,10 +328,11 @@ def fused_backward(
     reduced: Tensor,
     gen_weight: Tensor,
     gen_bias: Tensor,
-    kernel_size: int,
     stride: int,
     padding: int,
     dilation: int,
+    kernel_size: int,
+    groups: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. x, reduced, gen_weight (its shape), gen_bias; regenerates the weights."""
     lay = layout(x)
@@ -350,7 +341,7 @@ def fused_backward(
     gA, gb = torch.zeros_like(A), torch.zeros_like(b)
     if _empty_inputs(x, reduced):
         return gx.zero_(), gred.zero_(), gA.view_as(gen_weight), gb
-    sizes = _fused_sizes(x, reduced, A.shape[0], kernel_size, stride, padding, dilation)
+    sizes = _fused_sizes(x, reduced, (stride, padding, dilation, kernel_size, groups))
     go, x, red = _dense_map(grad_out, lay), _dense_map(x, lay), _dense_map(reduced, lay)
     _call("fused_backward", lay, (go, x, red, A, b, gx, gred, gA, gb), (red.shape[1],), sizes)
     return gx, gred, gA.view_as(gen_weight), gb

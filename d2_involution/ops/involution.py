@@ -9,9 +9,21 @@ How PyTorch sees it:
 * ``torch.ops.d2_involution.involution`` is a ``torch.library`` custom op with a fake kernel, so
   ``torch.compile`` and ``torch.export`` treat it as one opaque node. Its backward calls two more
   custom ops, ``involution_grad_input`` and ``involution_grad_weight``.
-* Kernels: CuPy/NVRTC kernels on CUDA tensors (``cuda_kernel.py``), a C++ kernel on CPU tensors
-  (``cpu_kernel.py``), and :func:`involution_pytorch` (plain tensor ops, no unfold) elsewhere or
-  when the C++ kernel cannot be built.
+* Each op checks its tensors once (``shapes.py``), so the raw ops are safe to call directly, then
+  runs one kernel set: the CuPy/NVRTC kernels on CUDA tensors (``cuda_kernel.py``), the C++ kernel
+  on CPU tensors (``cpu_kernel.py``), or plain tensor ops (no unfold) elsewhere or when those
+  cannot be built.
+* Memory format: channels_last in, channels_last out. The C++ kernels (and the pure-PyTorch path)
+  run NCHW and NHWC natively: on CPU tensors each result is computed in the layout of the feature
+  map it comes from (``cpu_kernel.layout``), and nothing is copied. The CUDA kernels work on NCHW:
+  :func:`involution` passes them contiguous copies (kept for backward, so nothing is copied twice)
+  and returns the output in the memory format of ``x``.
+* Fused kernel generation (:func:`involution_fused`): one more custom op pair,
+  ``involution_fused`` / ``involution_fused_backward``, takes the kernel generator's reduced
+  features and its last 1x1 convolution instead of the generated weights; the C++ kernels generate
+  the weights inside the aggregation and never store them. Devices without a fused kernel (CUDA
+  until ``cuda_kernel`` has one) compute the same inside the op with the unfused kernels; the
+  generated weights are then not kept for backward either (the backward regenerates them).
 * Autocast (CUDA and CPU): both inputs are cast to the autocast dtype and the kernel runs in it
   (accumulating in fp32); there is no silent fall-back to an fp32 op.
 * ``torch.jit.trace`` records the custom op as one node (fvcore's ``FlopCountAnalysis`` counts it
@@ -22,15 +34,26 @@ How PyTorch sees it:
 
 import contextlib
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import cpu_kernel
+from .shapes import (
+    SUPPORTED_DTYPES,
+    check_forward,
+    check_fused,
+    check_fused_backward,
+    check_grad_input,
+    check_grad_weight,
+    dims,
+    involution_output_size,
+)
 
 __all__ = [
     "generate_weights",
+    "has_fused_kernel",
     "involution",
     "involution_fused",
     "involution_output_size",
@@ -39,18 +62,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
 ]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _AUTOCAST_DEVICES = ("cuda", "cpu")
 _pure_trace_depth = 0
-
-
-def involution_output_size(
-    size: int, kernel_size: int, stride: int = 1, padding: Optional[int] = None, dilation: int = 1
-) -> int:
-    """Output extent along one axis (the convolution formula)."""
-    if padding is None:
-        padding = dilation * (kernel_size - 1) // 2
-    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
 
 
 @contextlib.contextmanager
@@ -73,105 +86,67 @@ def _record_pure_path() -> bool:
     return _pure_trace_depth > 0 and torch.jit.is_tracing()
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value, op: str = "involution") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"involution: {name} must be an int, got {type(value).__name__} ({value!r})"
-        )
-    if value < minimum:
-        raise ValueError(f"involution: {name} must be >= {minimum}, got {value}")
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})")
     return value
 
 
-def _dims(t: Tensor) -> Tuple[int, ...]:
-    """The shape; plain ints under ``torch.jit`` tracing, where sizes are otherwise traced."""
-    if torch.jit.is_tracing():
-        return tuple(int(d) for d in t.shape)
-    return tuple(t.shape)
-
-
-def _check_tensors(op: str, tensors: Dict[str, Tensor]) -> None:
-    """Types, dtypes and devices of the op's tensor arguments (same device, same dtype)."""
+def _check_tensor_types(op: str, tensors: Dict[str, Tensor]) -> None:
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in tensors.items():
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{op}: {name} has dtype {t.dtype}; expected one of "
-                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-            )
-    (first, x), *others = tensors.items()
-    for name, t in others:
-        if x.device != t.device:
-            raise ValueError(
-                f"{op}: {first} and {name} must be on the same device, got {first} on {x.device} "
-                f"and {name} on {t.device}"
-            )
-    autocasting = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
-    for name, t in others:
-        if x.dtype != t.dtype and not autocasting:
-            raise TypeError(
-                f"{op}: {first} and {name} must have the same dtype, got {first} {x.dtype} and "
-                f"{name} {t.dtype}"
-            )
 
 
-def _check_args(
+def _resolve_geometry(
+    op: str, kernel_size: int, stride: int, padding: Optional[int], dilation: int
+) -> Tuple[int, int, int]:
+    """stride, padding and dilation as ints; padding=None made the "same" padding."""
+    stride, dilation = _check_int("stride", stride, op), _check_int("dilation", dilation, op)
+    if padding is None:
+        padding = dilation * (kernel_size - 1) // 2
+    return stride, _check_int("padding", padding, op), dilation
+
+
+def _resolve_args(
     x: Tensor, weight: Tensor, stride: int, padding: Optional[int], dilation: int
 ) -> Tuple[int, int, int]:
-    """Validate the inputs at the boundary; returns (stride, padding, dilation) with padding set."""
-    _check_tensors("involution", {"x": x, "weight": weight})
-    if x.dim() != 4:
-        raise ValueError(f"involution: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if weight.dim() != 6:
-        raise ValueError(
-            f"involution: weight must be 6-D (N, G, K, K, Ho, Wo), got shape {tuple(weight.shape)}"
-        )
-    Nw, G, K, K2, Ho, Wo = _dims(weight)
-    if K != K2 or K < 1 or K % 2 == 0:
-        raise ValueError(
-            "involution: weight must be (N, G, K, K, Ho, Wo) with K a positive odd int, got "
-            f"shape {tuple(weight.shape)}"
-        )
-    stride = _check_int("stride", stride, 1)
-    dilation = _check_int("dilation", dilation, 1)
-    padding = _check_int("padding", dilation * (K - 1) // 2 if padding is None else padding, 0)
-    groups = f"the groups of weight ({G}, shape {tuple(weight.shape)})"
-    _check_geometry(x, K, G, groups, ("weight", Nw, Ho, Wo, weight), stride, padding, dilation)
-    return stride, padding, dilation
+    """The Python-level arguments: tensors, ints, and padding=None made the "same" padding.
+
+    Shapes, dtypes and devices are checked once, by the op itself (``shapes.check_forward``).
+    """
+    _check_tensor_types("involution", {"x": x, "weight": weight})
+    # A weight that is not 6-D is reported by the op's shape check.
+    K = dims(weight)[2] if weight.dim() == 6 else 1
+    return _resolve_geometry("involution", K, stride, padding, dilation)
 
 
-def _check_geometry(
-    x: Tensor, K: int, G: int, groups: str, kernels: tuple, stride: int, padding: int, dilation: int
-) -> None:
-    """x against G groups (described by ``groups``) and a kernel grid ``kernels`` = (name, batch,
-    height, width, tensor) for kernel size K and the given stride, padding and dilation."""
-    name, Nw, Ho, Wo, t = kernels
-    N, C, H, W = _dims(x)
-    if G < 1 or C % G != 0:
-        raise ValueError(
-            f"involution: the channels of x ({C}, shape {tuple(x.shape)}) must be divisible by "
-            f"{groups}"
-        )
-    if Nw != N:
-        raise ValueError(
-            f"involution: batch size of {name} ({Nw}, shape {tuple(t.shape)}) does not match "
-            f"x ({N}, shape {tuple(x.shape)})"
-        )
-    exp_h = involution_output_size(H, K, stride, padding, dilation)
-    exp_w = involution_output_size(W, K, stride, padding, dilation)
-    if exp_h < 1 or exp_w < 1:
-        raise ValueError(
-            f"involution: x of shape {tuple(x.shape)} is too small for K={K}, stride={stride}, "
-            f"padding={padding}, dilation={dilation} (output would be {exp_h}x{exp_w})"
-        )
-    if (Ho, Wo) != (exp_h, exp_w):
-        raise ValueError(
-            f"involution: {name} spatial size ({Ho}, {Wo}) (shape {tuple(t.shape)}) does not "
-            f"match the output size ({exp_h}, {exp_w}) of x with shape {tuple(x.shape)}, K={K}, "
-            f"stride={stride}, padding={padding}, dilation={dilation}"
-        )
+def _layout(t: Tensor) -> str:
+    """The layout of the kernels' results computed from feature map t (see the module doc)."""
+    return cpu_kernel.layout(t) if t.device.type == "cpu" else "nchw"
+
+
+def _as_map_of(t: Tensor, like: Tensor) -> Tensor:
+    """t dense in the layout the kernels use for feature map ``like`` (a copy only if needed)."""
+    return t.contiguous(memory_format=cpu_kernel.memory_format(_layout(like)))
+
+
+def _as_weight_of(gw: Tensor, like: Tensor) -> Tensor:
+    lay = _layout(like)
+    return gw if lay == "nchw" else cpu_kernel.empty_weight(gw.shape, lay, gw).copy_(gw)
+
+
+def _kernel_inputs(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """The tensors as the kernels of their device take them: as they are on the CPU, contiguous
+    copies elsewhere (made here, outside the op, so that autograd keeps the copies)."""
+    if tensors[0].device.type == "cpu":
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _in_format_of(out: Tensor, x: Tensor) -> Tensor:
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def involution(
@@ -184,16 +159,29 @@ def involution(
     """Apply involution. x: (N, C, H, W); weight: (N, G, K, K, Ho, Wo). Returns (N, C, Ho, Wo).
 
     Differentiable in both inputs. Runs the CUDA kernels on CUDA tensors and the C++ kernel on CPU
-    tensors; see the module docstring for compile, autocast, tracing and export.
+    tensors; see the module docstring for compile, autocast, tracing, export and memory format.
     """
-    stride, padding, dilation = _check_args(x, weight, stride, padding, dilation)
+    stride, padding, dilation = _resolve_args(x, weight, stride, padding, dilation)
     if _record_pure_path():
         return involution_pytorch(x, weight, stride, padding, dilation)
-    return torch.ops.d2_involution.involution(x, weight, stride, padding, dilation)
+    out = torch.ops.d2_involution.involution(*_kernel_inputs(x, weight), stride, padding, dilation)
+    return _in_format_of(out, x)
+
+
+def involution_pytorch(
+    x: Tensor, weight: Tensor, stride: int = 1, padding: Optional[int] = None, dilation: int = 1
+) -> Tensor:
+    """Involution with standard tensor ops only (traceable, exportable, differentiable by autograd).
+
+    Low-precision inputs are accumulated in fp32.
+    """
+    stride, padding, dilation = _resolve_args(x, weight, stride, padding, dilation)
+    check_forward(x, weight, stride, padding, dilation)
+    return _pytorch_forward(x, weight, stride, padding, dilation)
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure-PyTorch path: K*K strided views of the padded input, accumulated in place of an unfold.
+# Pure-PyTorch kernels: K*K strided views of the padded input, accumulated in place of an unfold.
 # Peak extra memory: the padded input plus one output-sized product.
 
 
@@ -206,16 +194,9 @@ def _shifted_views(xp: Tensor, K: int, Ho: int, Wo: int, stride: int, dilation: 
             yield u, v, xp[..., hs:he:stride, ws:we:stride]
 
 
-def involution_pytorch(
-    x: Tensor, weight: Tensor, stride: int = 1, padding: Optional[int] = None, dilation: int = 1
-) -> Tensor:
-    """Involution with standard tensor ops only (traceable, exportable, differentiable by autograd).
-
-    Low-precision inputs are accumulated in fp32.
-    """
-    stride, padding, dilation = _check_args(x, weight, stride, padding, dilation)
-    N, C, H, W = _dims(x)
-    _, G, K, _, Ho, Wo = _dims(weight)
+def _pytorch_forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    N, C, H, W = dims(x)
+    _, G, K, _, Ho, Wo = dims(weight)
     acc = torch.promote_types(x.dtype, torch.float32)
     xg = x.reshape(N, G, C // G, H, W)
     out = torch.zeros((N, G, C // G, Ho, Wo), dtype=acc, device=x.device)
@@ -254,73 +235,88 @@ def _pytorch_grad_weight(
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels per device. fp16/bf16 on the CPU run the fp32 C++ kernel (fp32 accumulation). On CPU
-# tensors every output keeps the layout of the feature map it is computed from (NCHW or
-# channels_last, ``cpu_kernel.layout``); the CUDA kernels return NCHW tensors.
+# Kernel sets per device. fp16/bf16 on the CPU run the fp32 C++ kernel (fp32 accumulation).
 
 
-def _cpu_kernel_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
-    if not cpu_kernel.available():
-        return None
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+class _Kernels(NamedTuple):
+    """The three kernels of one implementation, with the custom ops' signatures."""
+
+    forward: Callable[..., Tensor]
+    grad_input: Callable[..., Tensor]
+    grad_weight: Callable[..., Tensor]
 
 
-def _kernel_dtype(t: Tensor) -> Optional[torch.dtype]:
-    """The C++ kernel's dtype for t, or None where it does not run (not on the CPU, not built)."""
-    return _cpu_kernel_dtype(t.dtype) if t.device.type == "cpu" else None
+def _on_cpu_kernel(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` of cpu_kernel on fp32/fp64 tensors, its result(s) cast back to the inputs' dtype."""
+
+    def run(*args):
+        dtype = args[0].dtype
+        kdt = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        out = fn(*(a.to(kdt) if isinstance(a, Tensor) else a for a in args))
+        return out.to(dtype) if isinstance(out, Tensor) else tuple(t.to(dtype) for t in out)
+
+    return run
 
 
-def _layout(t: Tensor) -> str:
-    """The layout of the outputs computed from feature map t (see above)."""
-    return cpu_kernel.layout(t) if t.device.type == "cpu" else "nchw"
+def _pytorch_forward_kernel(x: Tensor, weight: Tensor, *geometry: int) -> Tensor:
+    return _as_map_of(_pytorch_forward(x, weight, *geometry), x)
 
 
-def _as_map_of(out: Tensor, like: Tensor) -> Tensor:
-    return out.contiguous(memory_format=cpu_kernel.memory_format(_layout(like)))
+def _pytorch_grad_input_kernel(grad_out: Tensor, weight: Tensor, *args: int) -> Tensor:
+    return _as_map_of(_pytorch_grad_input(grad_out, weight, *args), grad_out)
 
 
-def _as_weight_of(gw: Tensor, like: Tensor) -> Tensor:
-    lay = _layout(like)
-    return gw if lay == "nchw" else cpu_kernel.empty_weight(gw.shape, lay, gw).copy_(gw)
+def _pytorch_grad_weight_kernel(grad_out: Tensor, x: Tensor, *args: int) -> Tensor:
+    return _as_weight_of(_pytorch_grad_weight(grad_out, x, *args), x)
 
 
-def _forward_default(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    kdt = _kernel_dtype(x)
-    if kdt is None:
-        return _as_map_of(involution_pytorch(x, weight, stride, padding, dilation), x)
-    out = cpu_kernel.forward(x.to(kdt), weight.to(kdt), stride, padding, dilation)
-    return out.to(x.dtype)
+# The pure-PyTorch kernels, results in the layouts of the C++ kernels (the fake kernels' layouts).
+_PYTORCH = _Kernels(
+    _pytorch_forward_kernel, _pytorch_grad_input_kernel, _pytorch_grad_weight_kernel
+)
+_CPU = _Kernels(
+    _on_cpu_kernel(cpu_kernel.forward),
+    _on_cpu_kernel(cpu_kernel.grad_input),
+    _on_cpu_kernel(cpu_kernel.grad_weight),
+)
+_warned_no_cuda_kernels = False
 
 
-def _grad_input_default(
-    grad_out: Tensor, weight: Tensor, H: int, W: int, stride: int, padding: int, dilation: int
-) -> Tensor:
-    kdt = _kernel_dtype(grad_out)
-    if kdt is None:
-        gx = _pytorch_grad_input(grad_out, weight, H, W, stride, padding, dilation)
-        return _as_map_of(gx, grad_out)
-    gx = cpu_kernel.grad_input(grad_out.to(kdt), weight.to(kdt), H, W, stride, padding, dilation)
-    return gx.to(grad_out.dtype)
+def _cuda_kernels() -> _Kernels:
+    """The CuPy kernels when they can run; else warns once and returns the pure-PyTorch set."""
+    global _warned_no_cuda_kernels
+    from . import cuda_kernel
+
+    if cuda_kernel.available():
+        return _Kernels(cuda_kernel.forward, cuda_kernel.grad_input, cuda_kernel.grad_weight)
+    if not _warned_no_cuda_kernels:
+        _warned_no_cuda_kernels = True
+        warnings.warn(
+            "d2_involution: the CUDA involution kernels are unavailable "
+            f"({cuda_kernel.unavailable_reason()}); using the slower pure-PyTorch path. "
+            "Install CuPy for your CUDA version (e.g. pip install cupy-cuda12x).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _PYTORCH
 
 
-def _grad_weight_default(
-    grad_out: Tensor, x: Tensor, G: int, K: int, stride: int, padding: int, dilation: int
-) -> Tensor:
-    kdt = _kernel_dtype(x)
-    if kdt is None:
-        gw = _pytorch_grad_weight(grad_out, x, G, K, stride, padding, dilation)
-        return _as_weight_of(gw, x)
-    gw = cpu_kernel.grad_weight(grad_out.to(kdt), x.to(kdt), G, K, stride, padding, dilation)
-    return gw.to(grad_out.dtype)
+def _kernels(device: torch.device) -> _Kernels:
+    if device.type == "cuda":
+        return _cuda_kernels()
+    if device.type == "cpu" and cpu_kernel.available():
+        return _CPU
+    return _PYTORCH
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops.
+# The custom ops: one body each for every device; the shape check is the only validation.
 
 
 @torch.library.custom_op("d2_involution::involution", mutates_args=())
 def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    return _forward_default(x, weight, stride, padding, dilation)
+    check_forward(x, weight, stride, padding, dilation)
+    return _kernels(x.device).forward(x, weight, stride, padding, dilation)
 
 
 @torch.library.custom_op("d2_involution::involution_grad_input", mutates_args=())
@@ -333,7 +329,9 @@ def _grad_input_op(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    return _grad_input_default(grad_out, weight, height, width, stride, padding, dilation)
+    args = (grad_out, weight, height, width, stride, padding, dilation)
+    check_grad_input(*args)
+    return _kernels(grad_out.device).grad_input(*args)
 
 
 @torch.library.custom_op("d2_involution::involution_grad_weight", mutates_args=())
@@ -346,74 +344,14 @@ def _grad_weight_op(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    return _grad_weight_default(grad_out, x, groups, kernel_size, stride, padding, dilation)
-
-
-_warned_no_cuda_kernels = False
-
-
-def _cuda_kernels_usable(cuda_kernel) -> bool:
-    """True when the CuPy kernels can run; else warns once (the pure-PyTorch path is used)."""
-    global _warned_no_cuda_kernels
-    if cuda_kernel.available():
-        return True
-    if not _warned_no_cuda_kernels:
-        _warned_no_cuda_kernels = True
-        warnings.warn(
-            "d2_involution: the CUDA involution kernels are unavailable "
-            f"({cuda_kernel.unavailable_reason()}); using the slower pure-PyTorch path. "
-            "Install CuPy for your CUDA version (e.g. pip install cupy-cuda12x).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return False
-
-
-@_involution_op.register_kernel("cuda")
-def _involution_cuda(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    from . import cuda_kernel
-
-    if not _cuda_kernels_usable(cuda_kernel):
-        return involution_pytorch(x, weight, stride, padding, dilation)
-    return cuda_kernel.forward(x, weight, stride, padding, dilation)
-
-
-@_grad_input_op.register_kernel("cuda")
-def _grad_input_cuda(
-    grad_out: Tensor,
-    weight: Tensor,
-    height: int,
-    width: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-) -> Tensor:
-    from . import cuda_kernel
-
-    if not _cuda_kernels_usable(cuda_kernel):
-        return _pytorch_grad_input(grad_out, weight, height, width, stride, padding, dilation)
-    return cuda_kernel.grad_input(grad_out, weight, height, width, stride, padding, dilation)
-
-
-@_grad_weight_op.register_kernel("cuda")
-def _grad_weight_cuda(
-    grad_out: Tensor,
-    x: Tensor,
-    groups: int,
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    dilation: int,
-) -> Tensor:
-    from . import cuda_kernel
-
-    if not _cuda_kernels_usable(cuda_kernel):
-        return _pytorch_grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
-    return cuda_kernel.grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
+    args = (grad_out, x, groups, kernel_size, stride, padding, dilation)
+    check_grad_weight(*args)
+    return _kernels(grad_out.device).grad_weight(*args)
 
 
 @_involution_op.register_fake
 def _involution_fake(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
+    check_forward(x, weight, stride, padding, dilation)
     return _as_map_of(x.new_empty((x.shape[0], x.shape[1], weight.shape[4], weight.shape[5])), x)
 
 
@@ -427,6 +365,7 @@ def _grad_input_fake(
     padding: int,
     dilation: int,
 ) -> Tensor:
+    check_grad_input(grad_out, weight, height, width, stride, padding, dilation)
     gx = grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
     return _as_map_of(gx, grad_out)
 
@@ -441,6 +380,7 @@ def _grad_weight_fake(
     padding: int,
     dilation: int,
 ) -> Tensor:
+    check_grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
     N, _, Ho, Wo = grad_out.shape
     shape = (N, groups, kernel_size, kernel_size, Ho, Wo)
     return cpu_kernel.empty_weight(shape, _layout(x), grad_out)
@@ -454,6 +394,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: Tensor):
     x, weight = ctx.saved_tensors
+    grad_out = _as_map_of(grad_out, x)  # once for both kernels
     grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_x = _grad_input_op(grad_out, weight, x.shape[2], x.shape[3], *ctx.geometry)
@@ -468,52 +409,7 @@ _involution_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Fused kernel generation: ``involution_fused(x, reduced, gen_weight, gen_bias, kernel_size)``
 # equals ``involution(x, weight)`` with weight = the 1x1 convolution (gen_weight, gen_bias) of
-# reduced, reshaped to (N, G, K, K, Ho, Wo); the C++ kernels compute those weights inside the
-# aggregation (per image and group, in a per-thread scratch) and never write them into a tensor;
-# the backward regenerates them.
-
-
-def _check_fused_args(
-    x: Tensor,
-    reduced: Tensor,
-    gen_weight: Tensor,
-    gen_bias: Tensor,
-    kernel_size: int,
-    stride: int,
-    padding: Optional[int],
-    dilation: int,
-) -> Tuple[int, int, int]:
-    """Validate the fused op's inputs; returns (stride, padding, dilation) with padding set."""
-    op = "involution_fused"
-    tensors = {"x": x, "reduced": reduced, "gen_weight": gen_weight, "gen_bias": gen_bias}
-    _check_tensors(op, tensors)
-    for name, t, dims in (("x", x, "(N, C, H, W)"), ("reduced", reduced, "(N, R, Ho, Wo)")):
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D {dims}, got shape {tuple(t.shape)}")
-    K = _check_int("kernel_size", kernel_size, 1)
-    if K % 2 == 0:
-        raise ValueError(f"{op}: kernel_size must be a positive odd int, got {K}")
-    R = _dims(reduced)[1]
-    M = _dims(gen_weight)[0] if gen_weight.dim() > 0 else 0
-    if tuple(_dims(gen_weight)) not in ((M, R), (M, R, 1, 1)) or M == 0 or M % (K * K) != 0:
-        raise ValueError(
-            f"{op}: gen_weight must be (K*K*G, R) or (K*K*G, R, 1, 1) with K={K} and R={R} "
-            f"(the channels of reduced), got shape {tuple(gen_weight.shape)}"
-        )
-    if tuple(_dims(gen_bias)) != (M,):
-        raise ValueError(
-            f"{op}: gen_bias must have shape ({M},) (one per generated weight), got "
-            f"{tuple(gen_bias.shape)}"
-        )
-    stride = _check_int("stride", stride, 1)
-    dilation = _check_int("dilation", dilation, 1)
-    padding = _check_int("padding", dilation * (K - 1) // 2 if padding is None else padding, 0)
-    G = M // (K * K)
-    groups = f"the groups of gen_weight ({G} = {M} / K^2, shape {tuple(gen_weight.shape)})"
-    N, _, Ho, Wo = _dims(reduced)
-    kernels = ("reduced", N, Ho, Wo, reduced)
-    _check_geometry(x, K, G, groups, kernels, stride, padding, dilation)
-    return stride, padding, dilation
+# reduced, reshaped to (N, G, K, K, Ho, Wo).
 
 
 def generate_weights(
@@ -522,9 +418,9 @@ def generate_weights(
     """The (N, G, K, K, Ho, Wo) weights the fused op generates: a 1x1 convolution of reduced."""
     M, R = gen_weight.shape[0], reduced.shape[1]
     w = torch.nn.functional.conv2d(reduced, gen_weight.reshape(M, R, 1, 1), gen_bias)
-    N, _, Ho, Wo = _dims(w)
-    # reshape, not view: under channels_last the generated kernels are not NCHW-contiguous.
-    return w.reshape(N, M // (kernel_size * kernel_size), kernel_size, kernel_size, Ho, Wo)
+    N, _, Ho, Wo = dims(w)
+    # A view, channels_last included (only the channel dim is split).
+    return w.view(N, M // (kernel_size * kernel_size), kernel_size, kernel_size, Ho, Wo)
 
 
 def involution_fused(
@@ -542,22 +438,85 @@ def involution_fused(
     (K*K*G,): the generator's last 1x1 convolution. Returns (N, C, Ho, Wo).
 
     Equals ``involution(x, generate_weights(reduced, gen_weight, gen_bias, kernel_size))``,
-    differentiable in all four tensors. On CPU tensors the C++ kernels generate the weights inside
-    the aggregation; elsewhere (CUDA: no fused kernel yet), when the C++ kernel is unavailable,
-    and in ONNX export or :func:`pure_pytorch_trace`, it runs exactly that unfused computation.
+    differentiable in all four tensors, without keeping the generated weights: on CPU tensors the
+    C++ kernels generate them inside the aggregation; on devices without a fused kernel (CUDA for
+    now) the op generates them, runs the unfused kernels and regenerates them in backward. ONNX
+    export and :func:`pure_pytorch_trace` record that unfused computation in standard operators.
     """
-    stride, padding, dilation = _check_fused_args(
-        x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation
-    )
+    op = "involution_fused"
+    tensors = {"x": x, "reduced": reduced, "gen_weight": gen_weight, "gen_bias": gen_bias}
+    _check_tensor_types(op, tensors)
+    K = _check_int("kernel_size", kernel_size, op)
+    stride, padding, dilation = _resolve_geometry(op, K, stride, padding, dilation)
     if _record_pure_path():
-        weight = generate_weights(reduced, gen_weight, gen_bias, kernel_size)
-        return involution_pytorch(x, weight, stride, padding, dilation)
-    if x.device.type != "cpu":
-        weight = generate_weights(reduced, gen_weight, gen_bias, kernel_size)
-        return torch.ops.d2_involution.involution(x, weight, stride, padding, dilation)
-    return torch.ops.d2_involution.involution_fused(
-        x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation
+        check_fused(x, reduced, gen_weight, gen_bias, K, stride, padding, dilation)
+        weight = generate_weights(reduced, gen_weight, gen_bias, K)
+        return _pytorch_forward(x, weight, stride, padding, dilation)
+    x_in, reduced_in = _kernel_inputs(x, reduced)
+    out = torch.ops.d2_involution.involution_fused(
+        x_in, reduced_in, gen_weight, gen_bias, K, stride, padding, dilation
     )
+    return _in_format_of(out, x)
+
+
+class _FusedKernels(NamedTuple):
+    """Fused kernel generation on one device, with the signatures of the CUDA host functions:
+    ``forward(x, reduced, gen_weight, gen_bias, stride, padding, dilation, kernel_size, groups)``
+    -> out, ``backward(grad_out, <the same>)`` -> (grad_x, grad_reduced, grad_gen_weight,
+    grad_gen_bias)."""
+
+    forward: Callable[..., Tensor]
+    backward: Callable[..., Tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def _unfused_forward(x, reduced, gen_weight, gen_bias, stride, padding, dilation, K, groups):
+    weight = generate_weights(reduced, gen_weight, gen_bias, K)
+    return _kernels(x.device).forward(x, weight, stride, padding, dilation)
+
+
+def _unfused_backward(grad_out, x, reduced, gen_weight, gen_bias, stride, padding, dilation, K, G):
+    """The fused op's gradients through the unfused kernels, the weights regenerated."""
+    kernels, geometry = _kernels(x.device), (stride, padding, dilation)
+    weight = generate_weights(reduced, gen_weight, gen_bias, K)
+    N, _, _, _, Ho, Wo = weight.shape
+    M, R = G * K * K, reduced.shape[1]
+    gx = kernels.grad_input(grad_out, weight, x.shape[2], x.shape[3], *geometry)
+    gw = kernels.grad_weight(grad_out, x, G, K, *geometry).reshape(N, M, Ho, Wo)
+    acc = torch.promote_types(gw.dtype, torch.float32)
+    gw, red, A = gw.to(acc), reduced.to(acc), gen_weight.reshape(M, R).to(acc)
+    gred = torch.einsum("nmij,mr->nrij", gw, A)
+    gA = torch.einsum("nmij,nrij->mr", gw, red).reshape(gen_weight.shape)
+    return gx, gred, gA, gw.sum((0, 2, 3))
+
+
+_UNFUSED = _FusedKernels(_unfused_forward, _unfused_backward)
+_CPU_FUSED = _FusedKernels(
+    _on_cpu_kernel(cpu_kernel.fused_forward), _on_cpu_kernel(cpu_kernel.fused_backward)
+)
+
+
+def _cuda_fused_kernels() -> _FusedKernels:
+    """``cuda_kernel.fused_forward`` / ``fused_backward`` where cuda_kernel has them and can run;
+    else the unfused composition (with the unfused CUDA kernels)."""
+    from . import cuda_kernel
+
+    forward = getattr(cuda_kernel, "fused_forward", None)
+    if forward is None or not cuda_kernel.available():
+        return _UNFUSED
+    return _FusedKernels(forward, cuda_kernel.fused_backward)
+
+
+def _fused_kernels(device: torch.device) -> _FusedKernels:
+    if device.type == "cuda":
+        return _cuda_fused_kernels()
+    if device.type == "cpu" and cpu_kernel.available():
+        return _CPU_FUSED
+    return _UNFUSED
+
+
+def has_fused_kernel(device: torch.device) -> bool:
+    """Whether ``involution_fused`` runs a fused kernel on ``device`` (not the unfused kernels)."""
+    return _fused_kernels(torch.device(device)) is not _UNFUSED
 
 
 @torch.library.custom_op("d2_involution::involution_fused", mutates_args=())
@@ -571,13 +530,9 @@ def _fused_op(
     padding: int,
     dilation: int,
 ) -> Tensor:
-    kdt = _kernel_dtype(x)
-    if kdt is None:
-        weight = generate_weights(reduced, gen_weight, gen_bias, kernel_size)
-        return _as_map_of(_involution_op(x, weight, stride, padding, dilation), x)
-    args = (t.to(kdt) for t in (x, reduced, gen_weight, gen_bias))
-    out = cpu_kernel.fused_forward(*args, kernel_size, stride, padding, dilation)
-    return out.to(x.dtype)
+    G, _, _ = check_fused(x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation)
+    args = (x, reduced, gen_weight, gen_bias, stride, padding, dilation, kernel_size, G)
+    return _as_map_of(_fused_kernels(x.device).forward(*args), x)
 
 
 @torch.library.custom_op("d2_involution::involution_fused_backward", mutates_args=())
@@ -592,41 +547,24 @@ def _fused_backward_op(
     padding: int,
     dilation: int,
 ) -> List[Tensor]:
-    kdt = _kernel_dtype(x)
-    geometry = (stride, padding, dilation)
-    if kdt is None:
-        grads = _fused_backward_unfused(
-            grad_out, x, reduced, gen_weight, gen_bias, kernel_size, geometry
-        )
-    else:
-        args = (t.to(kdt) for t in (grad_out, x, reduced, gen_weight, gen_bias))
-        grads = cpu_kernel.fused_backward(*args, kernel_size, *geometry)
-    gx, gred, gA, gb = (g.to(t.dtype) for g, t in zip(grads, (x, reduced, gen_weight, gen_bias)))
+    inputs = (x, reduced, gen_weight, gen_bias)
+    check_fused_backward(grad_out, *inputs, kernel_size, stride, padding, dilation)
+    G = gen_weight.shape[0] // (kernel_size * kernel_size)
+    geometry = (stride, padding, dilation, kernel_size, G)
+    gx, gred, gA, gb = _fused_kernels(x.device).backward(grad_out, *inputs, *geometry)
     return [_as_map_of(gx, x), _as_map_of(gred, x), gA.contiguous(), gb.contiguous()]
-
-
-def _fused_backward_unfused(grad_out, x, reduced, gen_weight, gen_bias, K, geometry):
-    """The fused op's gradients through the unfused ops (devices without a fused kernel)."""
-    weight = generate_weights(reduced, gen_weight, gen_bias, K)
-    N, G, _, _, Ho, Wo = weight.shape
-    M, R = G * K * K, reduced.shape[1]
-    gx = _grad_input_op(grad_out, weight, x.shape[2], x.shape[3], *geometry)
-    gw = _grad_weight_op(grad_out, x, G, K, *geometry).reshape(N, M, Ho, Wo)
-    acc = torch.promote_types(gw.dtype, torch.float32)
-    gw, red, A = gw.to(acc), reduced.to(acc), gen_weight.reshape(M, R).to(acc)
-    gred = torch.einsum("nmij,mr->nrij", gw, A)
-    gA = torch.einsum("nmij,nrij->mr", gw, red).reshape(gen_weight.shape)
-    return gx, gred, gA, gw.sum((0, 2, 3))
 
 
 @_fused_op.register_fake
 def _fused_fake(x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation):
+    check_fused(x, reduced, gen_weight, gen_bias, kernel_size, stride, padding, dilation)
     N, C = x.shape[:2]
     return _as_map_of(x.new_empty((N, C, reduced.shape[2], reduced.shape[3])), x)
 
 
 @_fused_backward_op.register_fake
-def _fused_backward_fake(grad_out, x, reduced, gen_weight, gen_bias, *args):
+def _fused_backward_fake(grad_out, x, reduced, gen_weight, gen_bias, *geometry):
+    check_fused_backward(grad_out, x, reduced, gen_weight, gen_bias, *geometry)
     return [
         _as_map_of(torch.empty_like(x), x),
         _as_map_of(torch.empty_like(reduced), x),
@@ -641,7 +579,8 @@ def _fused_setup_context(ctx, inputs, output) -> None:
 
 
 def _fused_backward(ctx, grad_out: Tensor):
-    grads = _fused_backward_op(grad_out, *ctx.saved_tensors, *ctx.geometry)
+    x = ctx.saved_tensors[0]
+    grads = _fused_backward_op(_as_map_of(grad_out, x), *ctx.saved_tensors, *ctx.geometry)
     return (*grads, None, None, None, None)
 
 

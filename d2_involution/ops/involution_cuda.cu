@@ -18,11 +18,16 @@
 //   once with no reduction across threads (and is deterministic).
 // * Row/column validity of each tap is precomputed as two K-bit masks plus K row and K column
 //   offsets, instead of K*K offsets, to save registers. Padding never reads memory.
-// Launch: 1-D grid of 128-thread blocks over N * G * chunks * pixels (the host picks the chunk so
-// that there are enough threads to fill the GPU). For K = 7 ptxas gives 100-170 registers a thread
-// (the K*K register arrays); 128-thread blocks let 3 blocks share an SM where 256 would fit one,
-// and each thread has K*K independent loads in flight per channel. K is at most 11 here (ptxas
-// starts spilling at K = 9 for fp64); larger K uses involution_naive.cu.
+// Launch: 1-D grid of 128-thread blocks over N * G * chunks * pixels; the host (cuda_kernel.py)
+// halves the channel chunk while the grid would hold fewer than two waves of the threads the GPU
+// keeps resident for the kernel (CUDA's occupancy query, i.e. its real register use).
+// Registers (ptxas of CUDA 13.0 through NVRTC, sm_90, K = 7, stride 1): forward 104 (fp32), 112
+// (fp16/bf16), 153 (fp64); grad-input 188, 186, 233; grad-weight 122, 118/128, 168 (the K*K
+// register arrays): 2 (grad-input) to 4 (forward) 128-thread blocks share an SM, and each thread
+// has K*K independent loads in flight per channel. ptxas spills from forward K = 11, grad-input
+// K = 9 and grad-weight K = 11 (fp64) / 13 in every dtype; cuda_kernel.FAST_MAX_K sends those
+// to involution_naive.cu, and any instantiation that uses local memory on the running GPU too
+// (sm_80 spills 8-16 bytes in grad-input K = 7, stride >= 2, for fp32/fp16/bf16).
 #include "involution_common.cuh"
 
 template <typename T, int K, int S>

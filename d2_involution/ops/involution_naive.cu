@@ -1,9 +1,10 @@
 // Naive involution CUDA kernels: the official design (one thread per output element, NCHW), written
-// here as the baseline for tools/benchmark_involution.py and as the fallback for K > 11, where the
-// register-tiled kernels of involution_cuda.cu would spill.
+// here as the baseline for tools/benchmark_involution.py and as the fallback where the
+// register-tiled kernels of involution_cuda.cu would spill (cuda_kernel.FAST_MAX_K).
 //
 // Compiled once per dtype (-DD2I_T); K, stride, dilation, padding and all sizes are arguments.
-// Launch: 1-D grid of 256-thread blocks, one thread per element of the tensor being written:
+// Launch: 1-D grid of 128-thread blocks (bounds: 256), one thread per element of the tensor
+// being written:
 //   forward:     out[n, c, i, j]        loops over the K*K taps, re-reading the weights per channel
 //   grad-input:  gx[n, c, y, x]         loops over the K*K taps that reach (y, x)
 //   grad-weight: gw[n, g, u, v, i, j]   loops over the channels of group g

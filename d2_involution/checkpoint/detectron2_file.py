@@ -1,7 +1,11 @@
-"""From a classifier to detector initialisation: write the backbone as a Detectron2 weights file.
+"""Detectron2 weights files: the one writer, a classifier's backbone export, and its loading.
 
-The file is what ``MODEL.WEIGHTS`` of any d2_involution detection/segmentation config loads:
-``{"model": {name: tensor}, "__author__": "d2_involution", "matching_heuristics": bool}``.
+Every file this package writes (converted official checkpoints, exported backbones) is
+``{"model": {name: tensor}, "__author__": "d2_involution", "matching_heuristics": bool, ...}``,
+what ``DetectionCheckpointer`` (``MODEL.WEIGHTS``) loads, written by
+:func:`save_detectron2_checkpoint`.
+
+Exported backbones (:func:`export_backbone`), for any d2_involution detection/segmentation config:
 
 * Default (``prefix=""``, heuristics on): names are the backbone's own (``stem.*``,
   ``res2.*``..``res5.*``) and Detectron2's ``DetectionCheckpointer`` maps each one onto the model
@@ -18,6 +22,7 @@ channels) cannot be loaded and Detectron2 names it in its log; every other tenso
 import logging
 import os
 import pickle
+import tempfile
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -28,9 +33,53 @@ from torch import nn
 
 from .. import compat
 
-__all__ = ["BackboneFit", "backbone_state_dict", "export_backbone", "load_backbone_weights"]
+__all__ = [
+    "BackboneFit",
+    "backbone_state_dict",
+    "export_backbone",
+    "load_backbone_weights",
+    "save_detectron2_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def save_detectron2_checkpoint(
+    path: str,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    matching_heuristics: bool,
+    extra: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Write ``{"model": state_dict, "__author__", "matching_heuristics", **extra}`` to ``path``.
+
+    ``.pkl``: pickled numpy arrays (the Detectron2 model-zoo format); otherwise ``torch.save``.
+    Atomic (a temporary file in the same folder, then a rename): a failure never leaves a partial
+    file at ``path`` nor replaces what was there. Missing parent folders are created.
+    """
+    pkl = path.endswith(".pkl")
+    payload = {
+        "model": OrderedDict((k, v.numpy() if pkl else v) for k, v in state_dict.items()),
+        "__author__": "d2_involution",
+        "matching_heuristics": bool(matching_heuristics),
+    }
+    payload.update(extra or {})
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if pkl:
+                pickle.dump(payload, f)
+            else:
+                torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
 
 ClassifierLike = Union[nn.Module, Mapping[str, Any], str]
 
@@ -111,20 +160,7 @@ def export_backbone(
         for k, v in backbone_state_dict(classifier).items()
         if not k.endswith("num_batches_tracked")
     )
-    payload = {
-        "model": state,
-        "__author__": "d2_involution",
-        "matching_heuristics": bool(matching_heuristics),
-    }
-    directory = os.path.dirname(output_path)
-    if directory:
-        PathManager.mkdirs(directory)
-    with PathManager.open(output_path, "wb") as f:
-        if output_path.endswith(".pkl"):
-            payload["model"] = OrderedDict((k, v.numpy()) for k, v in state.items())
-            pickle.dump(payload, f)
-        else:
-            torch.save(payload, f)
+    save_detectron2_checkpoint(output_path, state, matching_heuristics=matching_heuristics)
     num_params = sum(v.numel() for k, v in state.items() if not k.endswith(("_mean", "_var")))
     logger.info(
         f"Wrote {len(state)} backbone tensors ({num_params} parameters) to {output_path} "
@@ -156,8 +192,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> BackboneFit:
     shapes = {k: tuple(v.shape) for k, v in checkpoint["model"].items()}
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     heuristics = bool(checkpoint.get("matching_heuristics", False))
-    incompatible = checkpointer._load_model(checkpoint)
-    checkpointer._log_incompatible_keys(incompatible)
+    incompatible = compat.load_checkpoint_into_model(checkpointer, checkpoint)
 
     not_fitting, unused = [], []
     for key, shape_ckpt, shape_model in incompatible.incorrect_shapes:
