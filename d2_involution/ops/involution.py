@@ -13,9 +13,11 @@ How PyTorch sees it:
   runs one kernel set: the CuPy/NVRTC kernels on CUDA tensors (``cuda_kernel.py``), the C++ kernel
   on CPU tensors (``cpu_kernel.py``), or plain tensor ops (no unfold) elsewhere or when those
   cannot be built.
-* Memory format: the kernels work on NCHW. :func:`involution` passes them contiguous copies (kept
-  for backward, so nothing is copied twice) and returns the output in the memory format of ``x``
-  (channels_last in, channels_last out).
+* Memory format: on CUDA the kernels read NCHW and NHWC natively (``cuda_kernel.layout_of``:
+  channels_last x selects NHWC, the weight then being the channels_last kernel-generator output),
+  and every op's result comes in its input's layout (the fakes say the same). The CPU kernels work
+  on NCHW: :func:`involution` passes them contiguous copies (kept for backward, so nothing is
+  copied twice). Either way the output has the memory format of ``x``.
 * Autocast (CUDA and CPU): both inputs are cast to the autocast dtype and the kernel runs in it
   (accumulating in fp32); there is no silent fall-back to an fp32 op.
 * ``torch.jit.trace`` records the custom op as one node (fvcore's ``FlopCountAnalysis`` counts it
@@ -31,7 +33,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu_kernel
+from . import cpu_kernel, cuda_kernel
 from .shapes import (
     SUPPORTED_DTYPES,
     check_forward,
@@ -117,6 +119,8 @@ def involution(
     stride, padding, dilation = _resolve_args(x, weight, stride, padding, dilation)
     if _record_pure_path():
         return involution_pytorch(x, weight, stride, padding, dilation)
+    if x.is_cuda:  # native NCHW / NHWC kernels, output in x's layout
+        return torch.ops.d2_involution.involution(x, weight, stride, padding, dilation)
     out = torch.ops.d2_involution.involution(
         x.contiguous(), weight.contiguous(), stride, padding, dilation
     )
@@ -223,8 +227,6 @@ _warned_no_cuda_kernels = False
 def _cuda_kernels() -> _Kernels:
     """The CuPy kernels when they can run; else warns once and returns the pure-PyTorch set."""
     global _warned_no_cuda_kernels
-    from . import cuda_kernel
-
     if cuda_kernel.available():
         return _Kernels(cuda_kernel.forward, cuda_kernel.grad_input, cuda_kernel.grad_weight)
     if not _warned_no_cuda_kernels:
@@ -247,6 +249,12 @@ def _kernels(device: torch.device) -> _Kernels:
     return _PYTORCH
 
 
+def _layout(t: Tensor) -> str:
+    """The layout an op's result takes from its input t: the CUDA kernels' (NHWC for channels_last),
+    NCHW on other devices."""
+    return cuda_kernel.layout_of(t) if t.is_cuda else "nchw"
+
+
 # ---------------------------------------------------------------------------------------------
 # The custom ops: one body each for every device; the shape check is the only validation.
 
@@ -254,7 +262,8 @@ def _kernels(device: torch.device) -> _Kernels:
 @torch.library.custom_op("d2_involution::involution", mutates_args=())
 def _involution_op(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
     check_forward(x, weight, stride, padding, dilation)
-    return _kernels(x.device).forward(x, weight, stride, padding, dilation)
+    out = _kernels(x.device).forward(x, weight, stride, padding, dilation)
+    return cuda_kernel.as_layout(out, _layout(x))
 
 
 @torch.library.custom_op("d2_involution::involution_grad_input", mutates_args=())
@@ -269,7 +278,7 @@ def _grad_input_op(
 ) -> Tensor:
     args = (grad_out, weight, height, width, stride, padding, dilation)
     check_grad_input(*args)
-    return _kernels(grad_out.device).grad_input(*args)
+    return cuda_kernel.as_layout(_kernels(grad_out.device).grad_input(*args), _layout(grad_out))
 
 
 @torch.library.custom_op("d2_involution::involution_grad_weight", mutates_args=())
@@ -284,13 +293,15 @@ def _grad_weight_op(
 ) -> Tensor:
     args = (grad_out, x, groups, kernel_size, stride, padding, dilation)
     check_grad_weight(*args)
-    return _kernels(grad_out.device).grad_weight(*args)
+    gw = _kernels(grad_out.device).grad_weight(*args)
+    return cuda_kernel.weight_as_layout(gw, _layout(x))
 
 
 @_involution_op.register_fake
 def _involution_fake(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
     check_forward(x, weight, stride, padding, dilation)
-    return x.new_empty((x.shape[0], x.shape[1], weight.shape[4], weight.shape[5]))
+    out = x.new_empty((x.shape[0], x.shape[1], weight.shape[4], weight.shape[5]))
+    return cuda_kernel.as_layout(out, _layout(x))
 
 
 @_grad_input_op.register_fake
@@ -304,7 +315,8 @@ def _grad_input_fake(
     dilation: int,
 ) -> Tensor:
     check_grad_input(grad_out, weight, height, width, stride, padding, dilation)
-    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
+    gx = grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], height, width))
+    return cuda_kernel.as_layout(gx, _layout(grad_out))
 
 
 @_grad_weight_op.register_fake
@@ -319,7 +331,8 @@ def _grad_weight_fake(
 ) -> Tensor:
     check_grad_weight(grad_out, x, groups, kernel_size, stride, padding, dilation)
     N, _, Ho, Wo = grad_out.shape
-    return grad_out.new_empty((N, groups, kernel_size, kernel_size, Ho, Wo))
+    gw = grad_out.new_empty((N, groups, kernel_size, kernel_size, Ho, Wo))
+    return cuda_kernel.weight_as_layout(gw, _layout(x))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -330,7 +343,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: Tensor):
     x, weight = ctx.saved_tensors
-    grad_out = grad_out.contiguous()  # once for both kernels (channels_last outputs)
+    grad_out = cuda_kernel.as_layout(grad_out, _layout(x))  # once for both kernels
     grad_x = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_x = _grad_input_op(grad_out, weight, x.shape[2], x.shape[3], *ctx.geometry)
