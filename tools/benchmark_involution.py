@@ -5,6 +5,11 @@ Paths: ``ours`` (``d2_involution.ops.involution``: the C++ kernel on CPU, the Cu
 CUDA), ``pytorch`` (``involution_pytorch``, the pure-PyTorch path), ``unfold`` (the unfold
 formulation of the official CPU code) and, on CUDA, ``naive`` (one thread per output element, the
 official kernel design) and the memory-bandwidth ``floor`` (bytes moved / measured copy bandwidth).
+``--layouts nchw nhwc`` also runs every path on channels_last inputs (rows "PATH (nhwc)"; the
+weights then are the channels_last kernel-generator output the NHWC CUDA kernels read).
+``--fused`` (CUDA) adds a table of kernel generation fused into the aggregation
+(``cuda_kernel.fused_forward`` / ``fused_backward``, weights never in memory) against the unfused
+computation (conv2 of the generator, then ``involution``), from the same reduced features.
 
 Times are medians over ``--repeats`` runs. Peak memory is the extra memory above the inputs:
 on CUDA from ``torch.cuda.max_memory_allocated``, on CPU from the growth of the peak resident
@@ -15,6 +20,7 @@ Examples::
 
     python tools/benchmark_involution.py --device cpu --repeats 5
     python tools/benchmark_involution.py --device cuda --dtypes float32 bfloat16 float16
+    python tools/benchmark_involution.py --device cuda --layouts nchw nhwc --fused
 """
 
 import argparse
@@ -89,7 +95,9 @@ def path_fn(path: str) -> Callable:
     }[path]
 
 
-def make_inputs(shape: str, batch: int, dtype: torch.dtype, device: str, grad: bool):
+def make_inputs(
+    shape: str, batch: int, dtype: torch.dtype, device: str, grad: bool, layout: str = "nchw"
+):
     C, H, s = SHAPES[shape]
     Ho = involution_output_size(H, K, s)
     g = torch.Generator(device=device).manual_seed(0)
@@ -98,6 +106,9 @@ def make_inputs(shape: str, batch: int, dtype: torch.dtype, device: str, grad: b
         batch, C // GROUP_CHANNELS, K, K, Ho, Ho, device=device, dtype=dtype, generator=g
     )
     go = torch.randn(batch, C, Ho, Ho, device=device, dtype=dtype, generator=g)
+    if layout == "nhwc":
+        x, go = (t.contiguous(memory_format=torch.channels_last) for t in (x, go))
+        w = w.permute(0, 4, 5, 1, 2, 3).contiguous().permute(0, 3, 4, 5, 1, 2)
     return x.requires_grad_(grad), w.requires_grad_(grad), go, s
 
 
@@ -251,6 +262,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="names or 'all'")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     parser.add_argument("--paths", nargs="+", default=None, help="ours pytorch unfold naive")
+    parser.add_argument("--layouts", nargs="+", default=["nchw"], choices=["nchw", "nhwc"])
+    parser.add_argument("--fused", action="store_true", help="CUDA: fused kernel generation too")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 on CPU, 50 on CUDA")
     parser.add_argument("--warmup", type=int, default=None)
@@ -267,6 +280,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    if args.fused and not cuda:
+        parser.error("--fused: the fused kernels are CUDA kernels (use --device cuda)")
     shapes = list(SHAPES) if args.shapes == ["all"] else args.shapes
     dtypes = args.dtypes or (["float32", "bfloat16", "float16"] if cuda else ["float32"])
     paths = args.paths or (["ours", "naive", "unfold"] if cuda else ["ours", "pytorch", "unfold"])
@@ -293,12 +308,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     for shape in shapes:
         C, H, s = SHAPES[shape]
         label = f"{shape} ({C}@{H}x{H}, s{s})"
-        for dtype_name in dtypes:
+        for dtype_name, layout in ((d, lay) for d in dtypes for lay in args.layouts):
             dtype = DTYPES[dtype_name]
             rows = {}
             for path in paths:
                 fn = path_fn(path)
-                x, w, go, s = make_inputs(shape, batch, dtype, args.device, True)
+                x, w, go, s = make_inputs(shape, batch, dtype, args.device, True, layout)
                 fwd = time_ms(fn, x, w, go, s, False, repeats, warmup)
                 both = time_ms(fn, x, w, go, s, True, repeats, warmup)
                 if args.no_memory:
@@ -313,19 +328,106 @@ def main(argv: Optional[List[str]] = None) -> None:
                     mem = tuple(
                         cpu_peak_mib(path, shape, batch, dtype_name, b) for b in (False, True)
                     )
-                rows[path] = (fwd, both, *mem)
-            base = rows.get("unfold")
+                rows[path if layout == "nchw" else f"{path} (nhwc)"] = (fwd, both, *mem)
+            base = rows.get("unfold" if layout == "nchw" else "unfold (nhwc)")
             for path, (fwd, both, m1, m2) in rows.items():
                 up = f"{base[0] / fwd:.1f}x | {base[1] / both:.1f}x" if base else "- | -"
                 print(
                     f"| {label} | {dtype_name} | {path} | {fwd:.3f} | {both:.3f} | {m1:.0f} "
                     f"| {m2:.0f} | {up} |"
                 )
-            if bandwidth:
+            if bandwidth and layout == args.layouts[0]:
                 fb, bb = bytes_moved(shape, batch, torch.finfo(dtype).bits // 8)
                 print(
                     f"| {label} | {dtype_name} | floor | {fb / bandwidth / 1e6:.3f} "
                     f"| {bb / bandwidth / 1e6:.3f} | - | - | - | - |"
+                )
+            sys.stdout.flush()
+    if args.fused:
+        fused_table(shapes, dtypes, args.layouts, batch, repeats, warmup, args.no_memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# --fused: kernel generation inside the aggregation vs conv2 + involution, same reduced features.
+
+
+class _Generator:
+    """The generator's reduced features r (N, C/4, Ho, Wo) and last 1x1 convolution (a, b),
+    passed where the other paths take the weight (``grad`` is what run_once resets)."""
+
+    def __init__(self, r: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        self.r, self.a, self.b, self.grad = r, a, b, None
+
+
+class _Fused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, a, b, stride):
+        from d2_involution.ops import cuda_kernel
+
+        ctx.save_for_backward(x, r, a, b)  # the weights are not kept
+        ctx.geometry = (stride, (K - 1) // 2, 1, K, a.shape[0] // (K * K))
+        return cuda_kernel.fused_forward(x, r, a, b, *ctx.geometry)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from d2_involution.ops import cuda_kernel
+
+        x, r, a, b = ctx.saved_tensors
+        return (*cuda_kernel.fused_backward(grad, x, r, a, b, *ctx.geometry), None)
+
+
+def _unfused(x, gen: _Generator, s: int):
+    N, _, Ho, Wo = gen.r.shape
+    w = F.conv2d(gen.r, gen.a[..., None, None], gen.b)
+    return involution(x, w.view(N, -1, K, K, Ho, Wo), stride=s)
+
+
+FUSED_PATHS = {
+    "unfused": _unfused,
+    "fused": lambda x, gen, s: _Fused.apply(x, gen.r, gen.a, gen.b, s),
+}
+
+
+def fused_inputs(shape: str, batch: int, dtype: torch.dtype, layout: str):
+    x, _, go, s = make_inputs(shape, batch, dtype, "cuda", True, layout)
+    C, Ho = x.shape[1], go.shape[2]
+    G, Cr = C // GROUP_CHANNELS, C // 4
+    g = torch.Generator(device="cuda").manual_seed(1)
+    r = torch.randn(batch, Cr, Ho, Ho, device="cuda", dtype=dtype, generator=g)
+    a = torch.randn(G * K * K, Cr, device="cuda", dtype=dtype, generator=g) / Cr**0.5
+    b = torch.zeros(G * K * K, device="cuda", dtype=dtype)
+    if layout == "nhwc":
+        r = r.contiguous(memory_format=torch.channels_last)
+    return x, _Generator(*(t.requires_grad_() for t in (r, a, b))), go, s
+
+
+def fused_table(shapes, dtypes, layouts, batch, repeats, warmup, no_memory) -> None:
+    print()
+    print(
+        "| shape (C@HxW, stride) | dtype | layout | path | fwd ms | fwd+bwd ms | fwd peak MiB "
+        "| fwd+bwd peak MiB | fwd speed-up vs unfused | fwd+bwd speed-up vs unfused |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for shape in shapes:
+        C, H, s = SHAPES[shape]
+        for dtype_name, layout in ((d, lay) for d in dtypes for lay in layouts):
+            rows = {}
+            for path, fn in FUSED_PATHS.items():
+                x, gen, go, s = fused_inputs(shape, batch, DTYPES[dtype_name], layout)
+                times = [time_ms(fn, x, gen, go, s, b, repeats, warmup) for b in (False, True)]
+                nan = float("nan")
+                mem = (
+                    [nan, nan]
+                    if no_memory
+                    else [cuda_peak_mib(fn, x, gen, go, s, b) for b in (False, True)]
+                )
+                rows[path] = (*times, *mem)
+            base = rows["unfused"]
+            for path, (fwd, both, m1, m2) in rows.items():
+                print(
+                    f"| {shape} ({C}@{H}x{H}, s{s}) | {dtype_name} | {layout} | {path} "
+                    f"| {fwd:.3f} | {both:.3f} | {m1:.0f} | {m2:.0f} | {base[0] / fwd:.2f}x "
+                    f"| {base[1] / both:.2f}x |"
                 )
             sys.stdout.flush()
 
