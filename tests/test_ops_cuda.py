@@ -2,7 +2,6 @@
 against the plain unfold reference in every dtype (skipped without a GPU)."""
 
 import random
-import re
 
 import pytest
 import torch
@@ -10,100 +9,62 @@ import torch
 import d2_involution  # noqa: F401  # isort: skip
 from d2_involution.ops import cuda_kernel, involution, involution_output_size
 
+# tests/ is on sys.path
+from nvrtc_build import NVRTC_REASON, compile_cubin, needs_nvrtc  # isort: skip
+
 # ------------------------------------------------------------------------------------------------
-# NVRTC compilation for sm_80 and sm_90 without a GPU.
+# NVRTC compilation for sm_80 and sm_90 without a GPU (tests/test_kernel_budget.py reads the sm_90
+# code of the K = 7 instantiations further).
 
-
-def _nvrtc_or_reason():
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-
-        nvrtc.getVersion()
-    except Exception as e:  # noqa: BLE001 - any failure to load NVRTC means: skip
-        return None, f"NVRTC is not loadable here ({type(e).__name__}: {e})"
-    try:
-        archs = set(nvrtc.getSupportedArchs())
-    except Exception:  # noqa: BLE001 - old NVRTC without the query: try compiling anyway
-        archs = {80, 90}
-    missing = {80, 90} - archs
-    if missing:
-        return None, f"this NVRTC cannot target sm_{sorted(missing)}"
-    return nvrtc, None
-
-
-NVRTC, NVRTC_REASON = _nvrtc_or_reason()
 if NVRTC_REASON:
     print(f"test_ops_cuda: NVRTC compile tests skipped: {NVRTC_REASON}")
-needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason=f"NVRTC unavailable: {NVRTC_REASON}")
-
-
-PTXAS_ENTRY = re.compile(
-    r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads.*?"
-    r"Used (\d+) registers",
-    re.S,
-)
-
-
-def nvrtc_compile(source, options, arch: int):
-    """Compile the code cuda_kernel.py hands to NVRTC (header inlined, no include path) to a
-    cubin, through ptxas; returns the cubin and {kernel: (registers, spill bytes)} from ptxas."""
-    prog = NVRTC.createProgram(cuda_kernel.kernel_source(source), source.name, [], [])
-    try:
-        try:
-            NVRTC.compileProgram(prog, [*options, f"-arch=sm_{arch}", "--ptxas-options=-v"])
-        except NVRTC.NVRTCError as e:
-            raise AssertionError(f"{source.name} {options}:\n{NVRTC.getProgramLog(prog)}") from e
-        report = {
-            name.replace("involution_", "", 1): (int(regs), int(stores) + int(loads))
-            for name, stores, loads, regs in PTXAS_ENTRY.findall(NVRTC.getProgramLog(prog))
-        }
-        return NVRTC.getCUBIN(prog), report
-    finally:
-        NVRTC.destroyProgram(prog)
-
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = [str(d).split(".")[-1] for d in DTYPES]
-OPS = ("forward", "grad_input", "grad_weight")
-# Every dtype and arch with two (K, stride) pairs, plus on sm_90 the K that pin FAST_MAX_K; the
-# other K/stride branches once (float32, sm_90), since K and the stride change no type-dependent
-# code (NVRTC + ptxas take 1-5 s per instance here).
-INSTANCES = [(3, 1), (7, 2)]
-SM90_INSTANCES = [(9, 1), (11, 1)]
-MORE_INSTANCES = [(1, 3), (7, 1), (5, 2), (9, 3)]
+TILED = {  # source: its ops (kernels involution_<op>[_acc]_<layout>)
+    cuda_kernel.FAST_SOURCE: ("forward", "grad_input", "grad_weight"),
+    cuda_kernel.FUSED_SOURCE: ("fused_forward", "fused_grad_input"),
+}
+
+
+def compile_report(source, dtype, K, S=1, D=1, arch=90):
+    """{kernel name without "involution_": (registers, spill bytes)} of one instantiation."""
+    cubin, report = compile_cubin(source, cuda_kernel.nvrtc_options(dtype, K, S, D), arch)
+    return cubin, {name.replace("involution_", "", 1): v for name, v in report.items()}
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_fast_kernels_compile(dtype, arch):
-    """Every instantiation compiles; on sm_90 ptxas pins FAST_MAX_K: no spill up to an op's
-    largest fast K, spills at the next odd K where that is compiled here (grad-weight's K = 13,
-    which spills too, is left out: its compile alone takes longer than all of these)."""
-    instances = INSTANCES + (SM90_INSTANCES if arch == 90 else [])
-    instances += MORE_INSTANCES if (dtype, arch) == (torch.float32, 90) else []
-    limits = {op: cuda_kernel.FAST_MAX_K[op][dtype] for op in OPS}
-    for K, S in instances:
-        options = cuda_kernel.nvrtc_options(dtype, K, S)
-        cubin, report = nvrtc_compile(cuda_kernel.FAST_SOURCE, options, arch)
-        assert set(report) == set(OPS), report
-        for op in OPS:
-            assert f"involution_{op}".encode() in cubin, (op, K, S)
-            # sm_80 spills a little at K = 7, stride >= 2 (grad-input): the run-time
-            # local-memory check sends that to the naive kernel. On sm_90 the table decides.
-            if arch == 90 and K <= limits[op]:
-                assert report[op][1] == 0, (op, K, S, report[op])
-            elif arch == 90 and K == limits[op] + 2:
-                assert report[op][1] > 0, (op, K, S, report[op])
-    if arch == 90:
-        assert set(limits.values()) <= {K for K, _ in instances}, (limits, instances)
+def test_tiled_kernels_compile_for_sm80(dtype):
+    """Every tiled kernel compiles for Ampere too (sm_90 is compiled by the budget test)."""
+    sources = list(TILED) if dtype == torch.float32 else [cuda_kernel.FAST_SOURCE]
+    for source in sources:
+        cubin, report = compile_report(source, dtype, 7, 2, 1, arch=80)
+        for op in TILED[source]:
+            for layout in ("nchw", "nhwc"):
+                assert f"involution_{op}_{layout}".encode() in cubin and f"{op}_{layout}" in report
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_no_kernel_spills_at_its_fast_max_k(dtype):
+    """ptxas for sm_90 at each op's FAST_MAX_K (stride 1; both layouts, _acc variants): no
+    spills, so the table sends no spilling instantiation to the tiled kernels (K = 7 is checked
+    by the budget test; fp16 shares bf16's code but for the conversions)."""
+    for source, ops in TILED.items():
+        limits = {op: cuda_kernel.FAST_MAX_K[op][dtype] for op in ops}
+        for K in sorted(set(limits.values()) - {7}):
+            _, report = compile_report(source, dtype, K)
+            for op in (op for op in ops if limits[op] == K):
+                spills = {n: v[1] for n, v in report.items() if n.startswith(op + "_")}
+                assert spills and not any(spills.values()), (op, K, spills)
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_naive_kernels_compile(dtype, arch):
-    cubin, _ = nvrtc_compile(cuda_kernel.NAIVE_SOURCE, cuda_kernel.nvrtc_options(dtype), arch)
+def test_naive_kernels_compile(dtype):
+    options = cuda_kernel.nvrtc_options(dtype)
+    cubin, _ = compile_cubin(cuda_kernel.NAIVE_SOURCE, options, 90)
     for name in (b"forward", b"grad_input", b"grad_weight"):
         assert b"involution_naive_" + name in cubin
 
@@ -152,7 +113,7 @@ def random_config(rng: random.Random) -> dict:
 
 
 CONFIGS = [random_config(random.Random(100 + seed)) for seed in range(24)]
-CONFIGS.append(dict(N=2, C=32, G=1, H=9, W=8, K=13, stride=2, padding=None, dilation=1))  # naive
+CONFIGS.append(dict(N=2, C=32, G=1, H=9, W=8, K=15, stride=2, padding=None, dilation=1))  # naive
 
 
 def make_inputs(cfg: dict, dtype, device="cuda", seed=0, layout="contiguous"):
@@ -226,11 +187,13 @@ def test_cuda_matches_reference(cfg, dtype, layout):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_cuda_small_for_memcheck(dtype):
-    """The case tools/gpu_check.sh runs under compute-sanitizer: fast and naive kernels, odd sizes,
-    stride 2, both layouts, small enough to run in seconds under memcheck."""
+    """The case tools/gpu_check.sh runs under compute-sanitizer: tiled (NCHW, NHWC, fused) and
+    naive kernels, odd sizes, stride 2, small enough to run in seconds under memcheck."""
     check_forward_backward(ODD_STRIDE2[0], dtype, "channels_last")
-    check_forward_backward(dict(ODD_STRIDE2[2], K=13, padding=None), dtype)
+    check_forward_backward(dict(ODD_STRIDE2[2], K=15, padding=None), dtype)
     check_forward_backward(dict(ODD_STRIDE2[1], stride=1), dtype)
+    for layout in LAYOUTS:
+        check_fused(dict(ODD_STRIDE2[0], Cr=8), dtype, layout)
 
 
 @needs_cuda
@@ -343,3 +306,86 @@ def test_cuda_empty_batch_and_side_stream():
 def test_cuda_mixed_devices_raise():
     with pytest.raises(ValueError, match="same device"):
         involution(torch.zeros(1, 2, 5, 5, device="cuda"), torch.zeros(1, 1, 3, 3, 5, 5))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused kernel generation, determinism and the real device's occupancy.
+
+
+def check_fused(cfg: dict, dtype, layout: str) -> None:
+    """cuda_kernel.fused_forward / fused_backward against the float64 unfused computation
+    (conv2 of the kernel generator, then involution)."""
+    g = torch.Generator().manual_seed(1)
+    N, C, G, K, Cr = cfg["N"], cfg["C"], cfg["G"], cfg["K"], cfg["Cr"]
+    S, D = cfg["stride"], cfg["dilation"]
+    P = D * (K - 1) // 2 if cfg["padding"] is None else cfg["padding"]
+    Ho, Wo = (involution_output_size(cfg[k], K, S, P, D) for k in ("H", "W"))
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to("cuda", dtype)
+
+    x, r, go = rand(N, C, cfg["H"], cfg["W"]), rand(N, Cr, Ho, Wo), rand(N, C, Ho, Wo)
+    a, b = rand(G * K * K, Cr) / Cr**0.5, rand(G * K * K)
+    if layout == "channels_last":
+        x, r, go = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, go))
+    leaves = [t.double().requires_grad_() for t in (x, r, a, b)]
+    weight = torch.nn.functional.conv2d(leaves[1], leaves[2][..., None, None], leaves[3])
+    ref = reference(leaves[0], weight.reshape(N, G, K, K, Ho, Wo), S, P, D)
+    refs = (ref, *torch.autograd.grad(ref, leaves, go.double()))
+    out = cuda_kernel.fused_forward(x, r, a, b, S, P, D, K, G)
+    grads = cuda_kernel.fused_backward(go, x, r, a, b, S, P, D, K, G)
+    for name, got, want in zip(("out", "gx", "gr", "ga", "gb"), (out, *grads), refs):
+        torch.testing.assert_close(
+            got.double(), want, **tolerance(dtype, want), msg=lambda m: f"{name} {cfg} {m}"
+        )
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+
+
+FUSED_CASES = [
+    dict(N=2, C=64, G=4, Cr=16, H=14, W=14, K=7, stride=1, padding=None, dilation=1),
+    dict(N=2, C=32, G=2, Cr=8, H=15, W=9, K=7, stride=2, padding=None, dilation=1),
+    dict(N=1, C=24, G=3, Cr=6, H=9, W=10, K=3, stride=1, padding=2, dilation=2),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("cfg", FUSED_CASES, ids=[f"fused{i}" for i in range(len(FUSED_CASES))])
+def test_cuda_fused_matches_unfused_reference(cfg, dtype, layout):
+    check_fused(cfg, dtype, layout)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_kernels_are_deterministic(layout):
+    """Two runs give bitwise the same output and gradients (no atomics anywhere)."""
+    cfg = dict(N=4, C=64, G=4, H=28, W=28, K=7, stride=1, padding=None, dilation=1)
+    x, w = make_inputs(cfg, torch.float32, layout=layout)
+    runs = []
+    for _ in range(2):
+        out = involution(x, w)
+        runs.append((out, *torch.autograd.grad(out, (x, w), torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cuda_tiled_kernels_fit_this_gpu(dtype):
+    """At RedNet's K = 7 every tiled kernel runs (no spills, its shared memory granted) and, on a
+    Hopper GPU, 16 warps of it fit an SM (the static budget, seen by CUDA's occupancy query)."""
+    cfg = dict(N=2, C=64, G=4, Cr=16, H=14, W=14, K=7, stride=1, padding=None, dilation=1)
+    for layout in LAYOUTS:
+        check_fused(cfg, dtype, layout)
+        check_forward_backward(cfg, dtype, layout)
+    kernels = {
+        key[0]: k for key, k in cuda_kernel._kernels.items() if key[1:] == (dtype, 0, (7, 1, 1))
+    }
+    assert len(kernels) == 12, sorted(kernels)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for name, kernel in kernels.items():
+        assert not kernel.spills and kernel.blocks_per_sm > 0, name
+        warps = kernel.blocks_per_sm * kernel.config.threads // 32
+        assert warps >= 16 or not hopper, (name, kernel.blocks_per_sm, kernel.config)

@@ -6,7 +6,10 @@ CUDA), ``before`` (CPU: the C++ kernel of git revision ``--baseline``, built fro
 sources in this run, for a side-by-side comparison), ``pytorch`` (``involution_pytorch``, the
 pure-PyTorch path), ``unfold`` (the unfold formulation of the official CPU code) and, on CUDA,
 ``naive`` (one thread per output element, the official kernel design) and the memory-bandwidth
-``floor`` (bytes moved / measured copy bandwidth).
+``floor`` (bytes moved / measured copy bandwidth). ``--fused`` (CUDA) adds
+a table of kernel generation fused into the aggregation (``cuda_kernel.fused_forward`` /
+``fused_backward``, weights never in memory) against the unfused computation (conv2 of the
+generator, then ``involution``), from the same reduced features.
 
 ``--layouts nchw nhwc`` runs every shape with contiguous and with channels_last inputs (weights
 then stored pixel-major, as a channels_last kernel generator produces them). ``--layer`` times the
@@ -24,10 +27,12 @@ Examples::
     python tools/benchmark_involution.py --device cpu --paths ours before --baseline 7b4af3c
     python tools/benchmark_involution.py --device cpu --layer --layouts nchw nhwc
     python tools/benchmark_involution.py --device cuda --dtypes float32 bfloat16 float16
+    python tools/benchmark_involution.py --device cuda --layouts nchw nhwc --fused
 """
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -373,6 +378,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--paths", nargs="+", default=None, help="ours before pytorch unfold naive")
     parser.add_argument("--baseline", default=None, help="git revision of the 'before' path")
     parser.add_argument("--reference", default=None, help="path the speed-ups are relative to")
+    parser.add_argument("--fused", action="store_true", help="CUDA: fused kernel generation too")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 on CPU, 50 on CUDA")
     parser.add_argument("--warmup", type=int, default=None)
@@ -388,6 +394,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     _baseline_rev = args.baseline
+    if args.fused and not cuda:
+        parser.error("--fused: the fused kernels are CUDA kernels (use --device cuda)")
     shapes = list(SHAPES) if args.shapes == ["all"] else args.shapes
     dtypes = args.dtypes or (["float32", "bfloat16", "float16"] if cuda else ["float32"])
     default_paths = ["ours", "naive", "unfold"] if cuda else ["ours", "pytorch", "unfold"]
@@ -432,6 +440,94 @@ def main(argv: Optional[List[str]] = None) -> None:
                 else:
                     op_rows(args, shape, dtype_name, layout, bandwidth)
                 sys.stdout.flush()
+    if args.fused:
+        fused_table(args, shapes, dtypes)
+
+
+# ---------------------------------------------------------------------------------------------
+# --fused: kernel generation inside the aggregation vs conv2 + involution, same reduced features.
+
+
+class _Generator:
+    """The generator's reduced features r (N, C/4, Ho, Wo) and last 1x1 convolution (a, b),
+    passed where the other paths take the weight (``grad`` is what run_once resets)."""
+
+    def __init__(self, r: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        self.r, self.a, self.b, self.grad = r, a, b, None
+
+
+class _Fused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, a, b, stride):
+        from d2_involution.ops import cuda_kernel
+
+        ctx.save_for_backward(x, r, a, b)  # the weights are not kept
+        ctx.geometry = (stride, (K - 1) // 2, 1, K, a.shape[0] // (K * K))
+        return cuda_kernel.fused_forward(x, r, a, b, *ctx.geometry)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from d2_involution.ops import cuda_kernel
+
+        x, r, a, b = ctx.saved_tensors
+        return (*cuda_kernel.fused_backward(grad, x, r, a, b, *ctx.geometry), None)
+
+
+def _unfused(x, gen: _Generator, s: int):
+    N, _, Ho, Wo = gen.r.shape
+    w = F.conv2d(gen.r, gen.a[..., None, None], gen.b)
+    return involution(x, w.view(N, -1, K, K, Ho, Wo), stride=s)
+
+
+FUSED_PATHS = {
+    "unfused": _unfused,
+    "fused": lambda x, gen, s: _Fused.apply(x, gen.r, gen.a, gen.b, s),
+}
+
+
+def fused_inputs(shape: str, batch: int, dtype: torch.dtype, layout: str):
+    x, _, go, s = make_inputs(shape, batch, dtype, "cuda", True, layout)
+    C, Ho = x.shape[1], go.shape[2]
+    G, Cr = C // GROUP_CHANNELS, C // 4
+    g = torch.Generator(device="cuda").manual_seed(1)
+    r = torch.randn(batch, Cr, Ho, Ho, device="cuda", dtype=dtype, generator=g)
+    a = torch.randn(G * K * K, Cr, device="cuda", dtype=dtype, generator=g) / Cr**0.5
+    b = torch.zeros(G * K * K, device="cuda", dtype=dtype)
+    if layout == "nhwc":
+        r = r.contiguous(memory_format=torch.channels_last)
+    return x, _Generator(*(t.requires_grad_() for t in (r, a, b))), go, s
+
+
+def fused_table(args, shapes: List[str], dtypes: List[str]) -> None:
+    """--fused: the fused CUDA kernels vs conv2 + involution, interleaved run by run."""
+    print()
+    print(
+        "| shape (C@HxW, stride) | dtype | layout | path | fwd ms | fwd+bwd ms | fwd peak MiB "
+        "| fwd+bwd peak MiB | fwd speed-up vs unfused | fwd+bwd speed-up vs unfused |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for shape, dtype_name, layout in itertools.product(shapes, dtypes, args.layouts):
+        inputs, calls = {}, {}
+        for path, fn in FUSED_PATHS.items():
+            x, gen, go, s = fused_inputs(shape, args.batch, DTYPES[dtype_name], layout)
+            inputs[path] = (fn, x, gen, go, s)
+            for b in (False, True):
+                calls[(path, b)] = lambda a=inputs[path], b=b: run_once(*a, b)
+        medians = interleaved_medians(calls, args.repeats, args.warmup, True)
+        base = medians[("unfused", False)], medians[("unfused", True)]
+        for path in FUSED_PATHS:
+            fwd, both = medians[(path, False)], medians[(path, True)]
+            nan = float("nan")
+            m1, m2 = (
+                (nan, nan)
+                if args.no_memory
+                else [cuda_peak_mib(*inputs[path], b) for b in (False, True)]
+            )
+            print(
+                f"| {label_of(shape)} | {dtype_name} | {layout} | {path} | {fwd:.3f} | {both:.3f} "
+                f"| {m1:.0f} | {m2:.0f} | {base[0] / fwd:.2f}x | {base[1] / both:.2f}x |"
+            )
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

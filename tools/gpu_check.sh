@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (docs/benchmarks.md, "The GPU check"), for an offline GPU node:
 #   install  the bundle (tools/gpu_bundle.sh) into a temporary site dir, no network
-#   ops      CUDA op tests: every dtype and layout against the reference, fp64 gradcheck, a case
+#   ops      CuPy's kernel cache warmed in parallel (tools/warm_cuda_cache.py), then CUDA op tests: every dtype and layout against the reference, fp64 gradcheck, a case
 #            with more than 2**31 input elements, odd sizes with stride 2 (tests/test_ops_cuda.py)
 #   memcheck compute-sanitizer --tool memcheck on a small op test
 #   op_bench tools/benchmark_involution.py --device cuda (ours, naive, unfold, bandwidth floor;
-#            fp32, bf16, fp16)
+#            fp32, bf16, fp16; NCHW and NHWC kernels; fused kernel generation vs unfused)
 #   models   tools/benchmark.py: RedNet-50 vs ResNet-50 classifiers and Faster R-CNN FPN
 #            detectors, AMP none and bf16
 #   gpu_tests the rest of the suite's GPU tests (pytest -m cuda)
@@ -196,10 +196,18 @@ write_summary
 install_bundle
 describe_environment
 
-# ops: the CUDA op tests (in a dry run: collected, since they need a GPU).
+# ops: the CUDA op tests (in a dry run: collected, since they need a GPU). First CuPy's kernel
+# cache is warmed in parallel (tools/warm_cuda_cache.py; no row of its own): a cold cache would
+# compile the ~150 instantiations the tests and benchmarks need one after the other.
+warm=""
+if [ $DRY = 0 ]; then
+    run_step warm 120 "$SITE/warm.log" "$PY" tools/warm_cuda_cache.py
+    warm="; cache warm-up: $(tail -n 1 "$SITE/warm.log" 2>/dev/null) (exit $STEP_RC)"
+    say "warm${warm#;}"
+fi
 log=$RESULTS/ops_tests.txt
 run_step ops 150 "$log" "${PYTEST[@]}" "${COLLECT[@]}" -m cuda tests/test_ops_cuda.py
-finish_step ops "$log"
+finish_step ops "$log" "$(last_result_line "$log")$warm"
 
 # memcheck: a small op test under compute-sanitizer, with PyTorch's caching allocator off so that
 # every tensor is its own allocation (an out-of-bounds access cannot land in a cached block).
@@ -229,8 +237,8 @@ if [ $DRY = 1 ]; then
     run_step op_bench 60 "$log" "$PY" tools/benchmark_involution.py --device cpu --shapes res5 \
         --batch 1 --repeats 1 --warmup 0 --no-memory --paths ours unfold
 else
-    run_step op_bench 120 "$log" "$PY" tools/benchmark_involution.py --device cuda \
-        --dtypes float32 bfloat16 float16
+    run_step op_bench 170 "$log" "$PY" tools/benchmark_involution.py --device cuda \
+        --dtypes float32 bfloat16 float16 --layouts nchw nhwc --fused --repeats 20 --warmup 5
 fi
 finish_step op_bench "$log" "$(table_rows "$log" | wc -l) table rows"
 

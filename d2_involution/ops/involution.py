@@ -13,17 +13,16 @@ How PyTorch sees it:
   runs one kernel set: the CuPy/NVRTC kernels on CUDA tensors (``cuda_kernel.py``), the C++ kernel
   on CPU tensors (``cpu_kernel.py``), or plain tensor ops (no unfold) elsewhere or when those
   cannot be built.
-* Memory format: channels_last in, channels_last out. The C++ kernels (and the pure-PyTorch path)
-  run NCHW and NHWC natively: on CPU tensors each result is computed in the layout of the feature
-  map it comes from (``cpu_kernel.layout``), and nothing is copied. The CUDA kernels work on NCHW:
-  :func:`involution` passes them contiguous copies (kept for backward, so nothing is copied twice)
-  and returns the output in the memory format of ``x``.
+* Memory format: channels_last in, channels_last out. The C++ kernels, the CUDA kernels and the
+  pure-PyTorch path all run NCHW and NHWC natively: each result is computed in the layout of the
+  feature map it comes from (:func:`_layout`; NHWC weights are the channels_last kernel-generator
+  output, memory order (n, i, j, g, u, v)), and nothing is copied.
 * Fused kernel generation (:func:`involution_fused`): one more custom op pair,
   ``involution_fused`` / ``involution_fused_backward``, takes the kernel generator's reduced
-  features and its last 1x1 convolution instead of the generated weights; the C++ kernels generate
-  the weights inside the aggregation and never store them. Devices without a fused kernel (CUDA
-  until ``cuda_kernel`` has one) compute the same inside the op with the unfused kernels; the
-  generated weights are then not kept for backward either (the backward regenerates them).
+  features and its last 1x1 convolution instead of the generated weights; the C++ and CUDA kernels
+  generate the weights inside the aggregation and never store them. Devices without a fused kernel
+  compute the same inside the op with the unfused kernels; the generated weights are then not kept
+  for backward either (the backward regenerates them).
 * Autocast (CUDA and CPU): both inputs are cast to the autocast dtype and the kernel runs in it
   (accumulating in fp32); there is no silent fall-back to an fp32 op.
 * ``torch.jit.trace`` records the custom op as one node (fvcore's ``FlopCountAnalysis`` counts it
@@ -39,7 +38,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu_kernel
+from . import cpu_kernel, cuda_kernel
 from .shapes import (
     SUPPORTED_DTYPES,
     check_forward,
@@ -122,8 +121,9 @@ def _resolve_args(
 
 
 def _layout(t: Tensor) -> str:
-    """The layout of the kernels' results computed from feature map t (see the module doc)."""
-    return cpu_kernel.layout(t) if t.device.type == "cpu" else "nchw"
+    """The layout of the kernels' results computed from feature map t (see the module doc): the
+    same on every device, since every kernel set runs NCHW and NHWC natively."""
+    return cpu_kernel.layout(t)
 
 
 def _as_map_of(t: Tensor, like: Tensor) -> Tensor:
@@ -134,14 +134,6 @@ def _as_map_of(t: Tensor, like: Tensor) -> Tensor:
 def _as_weight_of(gw: Tensor, like: Tensor) -> Tensor:
     lay = _layout(like)
     return gw if lay == "nchw" else cpu_kernel.empty_weight(gw.shape, lay, gw).copy_(gw)
-
-
-def _kernel_inputs(*tensors: Tensor) -> Tuple[Tensor, ...]:
-    """The tensors as the kernels of their device take them: as they are on the CPU, contiguous
-    copies elsewhere (made here, outside the op, so that autograd keeps the copies)."""
-    if tensors[0].device.type == "cpu":
-        return tensors
-    return tuple(t.contiguous() for t in tensors)
 
 
 def _in_format_of(out: Tensor, x: Tensor) -> Tensor:
@@ -164,7 +156,7 @@ def involution(
     stride, padding, dilation = _resolve_args(x, weight, stride, padding, dilation)
     if _record_pure_path():
         return involution_pytorch(x, weight, stride, padding, dilation)
-    out = torch.ops.d2_involution.involution(*_kernel_inputs(x, weight), stride, padding, dilation)
+    out = torch.ops.d2_involution.involution(x, weight, stride, padding, dilation)
     return _in_format_of(out, x)
 
 
@@ -285,8 +277,6 @@ _warned_no_cuda_kernels = False
 def _cuda_kernels() -> _Kernels:
     """The CuPy kernels when they can run; else warns once and returns the pure-PyTorch set."""
     global _warned_no_cuda_kernels
-    from . import cuda_kernel
-
     if cuda_kernel.available():
         return _Kernels(cuda_kernel.forward, cuda_kernel.grad_input, cuda_kernel.grad_weight)
     if not _warned_no_cuda_kernels:
@@ -452,9 +442,8 @@ def involution_fused(
         check_fused(x, reduced, gen_weight, gen_bias, K, stride, padding, dilation)
         weight = generate_weights(reduced, gen_weight, gen_bias, K)
         return _pytorch_forward(x, weight, stride, padding, dilation)
-    x_in, reduced_in = _kernel_inputs(x, reduced)
     out = torch.ops.d2_involution.involution_fused(
-        x_in, reduced_in, gen_weight, gen_bias, K, stride, padding, dilation
+        x, reduced, gen_weight, gen_bias, K, stride, padding, dilation
     )
     return _in_format_of(out, x)
 

@@ -1,12 +1,33 @@
-// Scalar types, loads and stores shared by the involution CUDA kernels.
+// Scalar types, conversions, loads and stores shared by the involution CUDA kernels.
 //
 // No CUDA headers are included (not even cuda_fp16.h), so the kernels compile with NVRTC from any
 // CuPy install, with or without a CUDA toolkit. fp16 and bf16 are stored as 16-bit patterns and
 // converted to fp32 in registers; every kernel accumulates in Acc<T>::type (fp32, or fp64 for
 // double).
+//
+// Every global and shared-memory access of the tiled kernels goes through d2i_load/d2i_store,
+// d2i_lds/d2i_sts and their vector forms. On the GPU they are plain accesses; in the host
+// emulation (tests/cuda_emulation.py, D2I_HOST_EMULATION) they are checked: global accesses must
+// fall inside the launch's tensors (writes only into the output), shared accesses inside the
+// block's dynamic shared memory, naturally aligned, and free of races between two barriers.
 #pragma once
 
 typedef long long d2i_int64;
+
+#ifdef D2I_HOST_EMULATION
+// Defined by the emulation's shim: returns p when the access is allowed, else records the error
+// and returns a harmless scratch address.
+const void* d2i_emu_access(const void* p, unsigned long bytes, bool shared, bool write);
+#endif
+// p itself on the GPU; the emulation's checked address on the host.
+template <typename P>
+__device__ __forceinline__ P* d2i_checked(P* p, bool shared, bool write) {
+#ifdef D2I_HOST_EMULATION
+  return static_cast<P*>(const_cast<void*>(d2i_emu_access(p, sizeof(P), shared, write)));
+#else
+  return p;
+#endif
+}
 
 struct d2i_half {
   unsigned short bits;
@@ -24,16 +45,43 @@ struct Acc<double> {
   typedef double type;
 };
 
-__device__ __forceinline__ float d2i_load(const float* p) { return __ldg(p); }
-__device__ __forceinline__ double d2i_load(const double* p) { return __ldg(p); }
+// The same pointer, hidden from the optimiser: it stays one 64-bit register instead of being
+// re-derived from the kernel parameter and re-associated into every address that uses it.
+template <typename P>
+__device__ __forceinline__ P* d2i_opaque(P* p) {
+#ifndef D2I_HOST_EMULATION
+  asm("mov.b64 %0, %0;" : "+l"(p));
+#endif
+  return p;
+}
+
+// Conversions between the stored type T and the accumulator type, one value at a time.
+__device__ __forceinline__ float d2i_to_acc(float v) { return v; }
+__device__ __forceinline__ double d2i_to_acc(double v) { return v; }
+__device__ __forceinline__ float d2i_to_acc(d2i_bf16 v) {
+  return __uint_as_float(static_cast<unsigned int>(v.bits) << 16);
+}
+__device__ __forceinline__ void d2i_from_acc(float v, float* out) { *out = v; }
+__device__ __forceinline__ void d2i_from_acc(double v, double* out) { *out = v; }
+__device__ __forceinline__ void d2i_from_acc(float v, d2i_bf16* out) {
+  // Round to nearest even, keeping NaN a (quiet) NaN.
+  const unsigned int u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    out->bits = static_cast<unsigned short>((u >> 16) | 0x40u);
+  } else {
+    out->bits = static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
 // tests/test_ops_cuda_emulated.py compiles the kernels as host C++ (D2I_HOST_EMULATION) to check
 // them without a GPU; there the fp16 conversions are done in software (same rounding as PTX).
 #ifndef D2I_HOST_EMULATION
-__device__ __forceinline__ float d2i_load(const d2i_half* p) {
-  const unsigned short b = __ldg(reinterpret_cast<const unsigned short*>(p));
+__device__ __forceinline__ float d2i_to_acc(d2i_half v) {
   float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
   return f;
+}
+__device__ __forceinline__ void d2i_from_acc(float v, d2i_half* out) {
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out->bits) : "f"(v));
 }
 #else
 // IEEE binary16 -> binary32, exact (subnormals, infinities and NaN payloads kept).
@@ -70,32 +118,46 @@ inline unsigned short d2i_float_to_half(float f) {
   const unsigned int q = r >> 13, rem = r & 0x1fffu;
   return sign | static_cast<unsigned short>(q + (rem > 0x1000u || (rem == 0x1000u && (q & 1u))));
 }
-inline float d2i_load(const d2i_half* p) { return d2i_half_to_float(p->bits); }
+inline float d2i_to_acc(d2i_half v) { return d2i_half_to_float(v.bits); }
+inline void d2i_from_acc(float v, d2i_half* out) { out->bits = d2i_float_to_half(v); }
 #endif
-__device__ __forceinline__ float d2i_load(const d2i_bf16* p) {
-  const unsigned short b = __ldg(reinterpret_cast<const unsigned short*>(p));
-  return __uint_as_float(static_cast<unsigned int>(b) << 16);
+
+// Global memory: read-only loads (through the non-coherent cache) converted to the accumulator
+// type, and stores rounded to T.
+__device__ __forceinline__ float d2i_load(const float* p) { return __ldg(d2i_checked(p, 0, 0)); }
+__device__ __forceinline__ double d2i_load(const double* p) { return __ldg(d2i_checked(p, 0, 0)); }
+template <typename T>
+__device__ __forceinline__ float d2i_load(const T* p) {  // fp16, bf16: 16-bit loads
+  T v;
+  v.bits = __ldg(reinterpret_cast<const unsigned short*>(d2i_checked(p, 0, 0)));
+  return d2i_to_acc(v);
+}
+template <typename T, typename A>
+__device__ __forceinline__ void d2i_store(T* p, A v) {
+  d2i_from_acc(v, d2i_checked(p, 0, 1));
 }
 
-__device__ __forceinline__ void d2i_store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void d2i_store(double* p, double v) { *p = v; }
-#ifndef D2I_HOST_EMULATION
-__device__ __forceinline__ void d2i_store(d2i_half* p, float v) {
-  unsigned short b;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(v));
-  *reinterpret_cast<unsigned short*>(p) = b;
+// N values as one access of N * sizeof(A) bytes (LDS.64 / LDS.128, LDG.128, ...).
+template <typename A, int N>
+struct alignas(sizeof(A) * N) d2i_vec {
+  A v[N];
+};
+// A 16-byte global load of 16 / sizeof(T) consecutive values of T (p 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ d2i_vec<T, 16 / sizeof(T)> d2i_load16(const T* p) {
+  return *d2i_checked(reinterpret_cast<const d2i_vec<T, 16 / sizeof(T)>*>(p), 0, 0);
 }
-#else
-inline void d2i_store(d2i_half* p, float v) { p->bits = d2i_float_to_half(v); }
-#endif
-__device__ __forceinline__ void d2i_store(d2i_bf16* p, float v) {
-  // Round to nearest even, keeping NaN a (quiet) NaN.
-  const unsigned int u = __float_as_uint(v);
-  unsigned short b;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    b = static_cast<unsigned short>((u >> 16) | 0x40u);
-  } else {
-    b = static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-  *reinterpret_cast<unsigned short*>(p) = b;
+
+// Shared memory (the tiled kernels keep their tiles in the accumulator type).
+template <typename A>
+__device__ __forceinline__ A d2i_lds(const A* p) {
+  return *d2i_checked(p, 1, 0);
+}
+template <typename A>
+__device__ __forceinline__ void d2i_sts(A* p, A v) {
+  *d2i_checked(p, 1, 1) = v;
+}
+template <int N, typename A>
+__device__ __forceinline__ d2i_vec<A, N> d2i_lds_vec(const A* p) {
+  return *d2i_checked(reinterpret_cast<const d2i_vec<A, N>*>(p), 1, 0);
 }
