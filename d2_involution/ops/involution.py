@@ -187,8 +187,11 @@ def _shifted_views(xp: Tensor, K: int, Ho: int, Wo: int, stride: int, dilation: 
 
 
 def _pytorch_forward(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> Tensor:
-    N, C, H, W = dims(x)
-    _, G, K, _, Ho, Wo = dims(weight)
+    # Batch, channel and spatial sizes as the tensors give them (traced sizes under tracing, so
+    # an exported graph takes any input size); only G and K are fixed by the module.
+    N, C, H, W = x.shape
+    G, K = dims(weight)[1:3]
+    Ho, Wo = weight.shape[4:]
     acc = torch.promote_types(x.dtype, torch.float32)
     xg = x.reshape(N, G, C // G, H, W)
     out = torch.zeros((N, G, C // G, Ho, Wo), dtype=acc, device=x.device)
@@ -408,7 +411,7 @@ def generate_weights(
     """The (N, G, K, K, Ho, Wo) weights the fused op generates: a 1x1 convolution of reduced."""
     M, R = gen_weight.shape[0], reduced.shape[1]
     w = torch.nn.functional.conv2d(reduced, gen_weight.reshape(M, R, 1, 1), gen_bias)
-    N, _, Ho, Wo = dims(w)
+    N, _, Ho, Wo = w.shape
     # A view, channels_last included (only the channel dim is split).
     return w.view(N, M // (kernel_size * kernel_size), kernel_size, kernel_size, Ho, Wo)
 
