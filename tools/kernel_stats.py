@@ -106,8 +106,8 @@ class KernelStats:
 class Assembled(NamedTuple):
     """One module compiled for one arch."""
 
-    ptx: str
     ptxas: Dict[str, Dict[str, int]]  # {kernel: {registers, spill_bytes, smem_bytes}}
+    configs: Dict[str, Tuple[int, ...]]  # {tiled kernel: its exported launch configuration}
     sass: Dict[str, str]  # {kernel: its cuobjdump -sass listing}
 
 
@@ -190,7 +190,7 @@ def assemble(
             text=True,
             check=True,
         ).stdout
-    return Assembled(ptx, parse_ptxas(log), split_sass(listing))
+    return Assembled(parse_ptxas(log), launch_configs(ptx), split_sass(listing))
 
 
 def modules(
@@ -330,7 +330,7 @@ def kernel_stats(
     """The statistics of kernel ``name`` of an assembled module."""
     n_instr, n_fma = steady_state_loop(parse_sass(module.sass[name]))
     info = module.ptxas[name]
-    config = launch_configs(module.ptx).get(name)
+    config = module.configs.get(name)
     baseline = source == cuda_kernel.NAIVE_SOURCE
     threads = config[0] if config else cuda_kernel._NAIVE_BLOCK
     dynamic_smem = config[4] if config else 0
