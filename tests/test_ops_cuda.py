@@ -1,7 +1,9 @@
 """The CUDA kernels: NVRTC compilation of every .cu instantiation (no GPU needed), and execution
 against the plain unfold reference in every dtype (skipped without a GPU)."""
 
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +11,17 @@ import torch
 import d2_involution  # noqa: F401  # isort: skip
 from d2_involution.ops import cuda_kernel, involution, involution_output_size
 
-# tests/ is on sys.path
-from nvrtc_build import NVRTC_REASON, compile_cubin, needs_nvrtc  # isort: skip
-
 # ------------------------------------------------------------------------------------------------
-# NVRTC compilation for sm_80 and sm_90 without a GPU (tests/test_kernel_budget.py reads the sm_90
-# code of the K = 7 instantiations further).
+# Compilation for sm_80 and sm_90 without a GPU, through tools/kernel_stats.py (NVRTC, ptxas,
+# cuobjdump; tests/test_kernel_stats.py reads the sm_90 code of the K = 7 instantiations further).
 
+_spec = importlib.util.spec_from_file_location(
+    "d2inv_kernel_stats", Path(__file__).resolve().parents[1] / "tools" / "kernel_stats.py"
+)
+kernel_stats = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernel_stats)
+NVRTC_REASON = kernel_stats.missing_tools("sm_80") or kernel_stats.missing_tools("sm_90")
+needs_nvrtc = pytest.mark.skipif(bool(NVRTC_REASON), reason=f"NVRTC/ptxas: {NVRTC_REASON}")
 if NVRTC_REASON:
     print(f"test_ops_cuda: NVRTC compile tests skipped: {NVRTC_REASON}")
 
@@ -28,9 +34,14 @@ TILED = {  # source: its ops (kernels involution_<op>[_acc]_<layout>)
 
 
 def compile_report(source, dtype, K, S=1, D=1, arch=90):
-    """{kernel name without "involution_": (registers, spill bytes)} of one instantiation."""
-    cubin, report = compile_cubin(source, cuda_kernel.nvrtc_options(dtype, K, S, D), arch)
-    return cubin, {name.replace("involution_", "", 1): v for name, v in report.items()}
+    """{kernel name without "involution_": (registers, spill bytes)} of every kernel in the cubin
+    of one instantiation."""
+    module = kernel_stats.assemble(source, cuda_kernel.nvrtc_options(dtype, K, S, D), f"sm_{arch}")
+    return {
+        name.replace("involution_", "", 1): (info["registers"], info["spill_bytes"])
+        for name, info in module.ptxas.items()
+        if name in module.sass
+    }
 
 
 @needs_nvrtc
@@ -39,10 +50,10 @@ def test_tiled_kernels_compile_for_sm80(dtype):
     """Every tiled kernel compiles for Ampere too (sm_90 is compiled by the budget test)."""
     sources = list(TILED) if dtype == torch.float32 else [cuda_kernel.FAST_SOURCE]
     for source in sources:
-        cubin, report = compile_report(source, dtype, 7, 2, 1, arch=80)
+        report = compile_report(source, dtype, 7, 2, 1, arch=80)
         for op in TILED[source]:
             for layout in ("nchw", "nhwc"):
-                assert f"involution_{op}_{layout}".encode() in cubin and f"{op}_{layout}" in report
+                assert f"{op}_{layout}" in report, sorted(report)
 
 
 @needs_nvrtc
@@ -54,7 +65,7 @@ def test_no_kernel_spills_at_its_fast_max_k(dtype):
     for source, ops in TILED.items():
         limits = {op: cuda_kernel.FAST_MAX_K[op][dtype] for op in ops}
         for K in sorted(set(limits.values()) - {7}):
-            _, report = compile_report(source, dtype, K)
+            report = compile_report(source, dtype, K)
             for op in (op for op in ops if limits[op] == K):
                 spills = {n: v[1] for n, v in report.items() if n.startswith(op + "_")}
                 assert spills and not any(spills.values()), (op, K, spills)
@@ -63,10 +74,9 @@ def test_no_kernel_spills_at_its_fast_max_k(dtype):
 @needs_nvrtc
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_naive_kernels_compile(dtype):
-    options = cuda_kernel.nvrtc_options(dtype)
-    cubin, _ = compile_cubin(cuda_kernel.NAIVE_SOURCE, options, 90)
-    for name in (b"forward", b"grad_input", b"grad_weight"):
-        assert b"involution_naive_" + name in cubin
+    module = kernel_stats.assemble(cuda_kernel.NAIVE_SOURCE, cuda_kernel.nvrtc_options(dtype))
+    for name in ("forward", "grad_input", "grad_weight"):
+        assert "involution_naive_" + name in module.sass
 
 
 # ------------------------------------------------------------------------------------------------
