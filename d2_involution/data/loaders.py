@@ -7,8 +7,8 @@ batches than the run it continues. Here both are functions of ``(seed, stream po
 
 * :class:`ResumableBatchSampler` yields the global batch ``b`` (all ranks together) as a pure
   function of ``(seed, b)``: per epoch a seeded permutation, split by aspect-ratio group when
-  ``DATALOADER.ASPECT_RATIO_GROUPING`` is on (Detectron2's grouping: width > height or not), cut into
-  full batches, whose order is shuffled with the same seed. Rank ``r`` takes its slice of each.
+  ``DATALOADER.ASPECT_RATIO_GROUPING`` is on (Detectron2's grouping: width > height or not), cut
+  into full batches, whose order is shuffled with the same seed. Rank ``r`` takes its slice of each.
 * :class:`PositionSeededMapper` seeds ``random``, ``numpy`` and ``torch`` from ``(seed, position)``
   around each mapper call (and restores them), so augmentation does not depend on the process or
   the number of workers: ``DATALOADER.NUM_WORKERS > 0`` is exact too.
@@ -118,7 +118,7 @@ def aspect_ratio_groups(dataset_dicts: Sequence[dict]) -> List[int]:
 class ResumableBatchSampler(Sampler):
     """An endless stream of this rank's batches of ``(index, position)``, starting at ``start``.
 
-    Global batch ``b`` (``batch_size * world_size`` images) lies in epoch ``b // batches_per_epoch``;
+    Global batch ``b`` (``batch_size * world_size`` images) is in epoch ``b // batches_per_epoch``;
     an epoch is a permutation drawn from ``(seed, epoch)``, split by ``groups``, cut into full
     global batches (the remainder of each group is left out of that epoch) and shuffled. An
     image's position is ``epoch * len(groups) + its place in the permutation``.
@@ -265,8 +265,8 @@ def _resolve_seed(cfg: CfgNode) -> int:
 def build_resumable_train_loader(
     cfg: CfgNode, mapper: Optional[Callable[[dict], Any]] = None
 ) -> ResumableTrainLoader:
-    """The training loader of ``cfg`` (``DATASETS.TRAIN``, ``SOLVER.IMS_PER_BATCH``, ``DATALOADER``),
-    with Detectron2's ``DatasetMapper(cfg, True)`` unless ``mapper`` is given.
+    """The training loader of ``cfg`` (``DATASETS.TRAIN``, ``SOLVER.IMS_PER_BATCH``,
+    ``DATALOADER``), with Detectron2's ``DatasetMapper(cfg, True)`` unless ``mapper`` is given.
 
     ``DATALOADER.SAMPLER_TRAIN`` must be ``TrainingSampler`` (the others are refused: their order
     is not resumable here).
