@@ -38,6 +38,7 @@ from detectron2.evaluation import (
     SemSegEvaluator,
     verify_results,
 )
+from detectron2.utils.logger import setup_logger
 
 from d2_involution import add_involution_config, compat
 from d2_involution.data.loaders import (
@@ -229,6 +230,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # The library's own messages (e.g. the skipped images) in the console and log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_involution")
     return cfg
 
 
