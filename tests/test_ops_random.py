@@ -2,9 +2,9 @@
 
 Every configuration (batch, groups, channels per group, odd and even sizes down to 1, kernel
 1..7, stride 1..3, dilation 1..3, padding from 0 to more than "same", channels_last inputs) is
-checked through the public ``involution`` op (the C++ CPU kernel, or CUDA on a GPU) and through
-``involution_pytorch`` (the first 200), against the float64 unfold reference of tests/involution_reference.py
-and its autograd gradients. Small sizes keep the whole file at a few seconds.
+checked through the public ``involution`` op (the C++ CPU kernel, or CUDA on a GPU) and, the
+first 200, through ``involution_pytorch``, against the float64 unfold reference of
+tests/involution_reference.py and its autograd gradients. Small sizes keep the file cheap.
 """
 
 import random
