@@ -155,7 +155,5 @@ def test_two_process_gradients_equal_one_process_on_union_batch(gradients, model
     ddp, single = gradients
     difference = _max_difference(ddp[model], single[model])
     scale = max(float(g.abs().max()) for g in single[model].values())
-    print(
-        f"{model}: max |grad(DDP, 2 processes) - grad(1 process)| = {difference:.3g} (max {scale:.3g})"
-    )
+    print(f"{model}: max |grad(2 processes) - grad(1 process)| = {difference:.3g} (of {scale:.3g})")
     assert difference <= 1e-5 * scale + 1e-7
