@@ -26,6 +26,6 @@ setup(
     extras_require={
         "cuda": ["cupy-cuda13x>=13"],
         "cuda12": ["cupy-cuda12x>=13"],
-        "dev": ["pytest>=7", "black", "isort", "flake8"],
+        "dev": ["pytest>=7", "black", "isort", "flake8", "onnx", "onnxruntime"],
     },
 )

@@ -11,15 +11,26 @@ crop/flip augmentation, and ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR`` selects t
 """
 
 import d2_involution  # isort: skip  # noqa: F401  (first: detectron2 compat + registrations)
+import logging
 import os
-from typing import List, Optional
+import random
+from typing import Any, Dict, List, Optional
 
 import detectron2.utils.comm as comm
+import numpy as np
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import (
+    DefaultTrainer,
+    HookBase,
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
 from detectron2.evaluation import (
     COCOEvaluator,
     DatasetEvaluator,
@@ -27,9 +38,17 @@ from detectron2.evaluation import (
     SemSegEvaluator,
     verify_results,
 )
+from detectron2.utils.logger import setup_logger
 
 from d2_involution import add_involution_config, compat
+from d2_involution.data.loaders import (
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+    build_skipping_test_loader,
+)
 from d2_involution.solver import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("detectron2")
 
 # Evaluated with Detectron2's SemSegEvaluator (mIoU, fwIoU, mACC, pACC). Detectron2's own
 # CityscapesSemSegEvaluator needs the cityscapesscripts package and the raw labelIds files; the
@@ -101,8 +120,57 @@ def build_sem_seg_train_aug(cfg: CfgNode) -> List[T.Augmentation]:
     return augs
 
 
+def rng_state() -> Dict[str, Any]:
+    """The global random states a training step draws from (torch CPU/CUDA, numpy, random), as
+    tensors and plain values, which ``torch.load(weights_only=True)`` reads back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "random": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SkippedImagesHook(HookBase):
+    """Puts the training loader's count of unreadable images into the EventStorage
+    (``skipped_images``, hence metrics.json and TensorBoard) and logs the total at the end."""
+
+    def __init__(self, loader: ResumableTrainLoader):
+        self.loader = loader
+
+    def after_step(self) -> None:
+        if self.loader.num_skipped:
+            self.trainer.storage.put_scalar(
+                "skipped_images", self.loader.num_skipped, smoothing_hint=False
+            )
+
+    def after_train(self) -> None:
+        if self.loader.num_skipped:
+            logger.warning(f"Unreadable training images skipped: {self.loader.num_skipped}")
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer plus evaluators by dataset, sem-seg augmentation, poly LR, global clipping."""
+    """DefaultTrainer plus evaluators by dataset, sem-seg augmentation, poly LR, global clipping,
+    exact resume and unreadable images skipped.
+
+    The train loader is :class:`~d2_involution.data.loaders.ResumableTrainLoader`: its position
+    and the global random states go into every checkpoint, so ``--resume`` continues with the
+    batches, augmentations and sampling draws of the uninterrupted run (bit-identical on CPU).
+    """
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -110,10 +178,14 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        mapper = None
         if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
             mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
-            return build_detection_train_loader(cfg, mapper=mapper)
-        return super().build_train_loader(cfg)
+        return build_resumable_train_loader(cfg, mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_skipping_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -122,6 +194,32 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    @property
+    def train_loader(self) -> ResumableTrainLoader:
+        return self._trainer.data_loader
+
+    def build_hooks(self) -> List[HookBase]:
+        ret = super().build_hooks()
+        writers = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+        ret.insert(writers[0] if writers else len(ret), SkippedImagesHook(self.train_loader))
+        return ret
+
+    # DefaultTrainer's state includes the optimizer (on v0.6 through d2_involution.compat) and the
+    # hooks' (LR schedule); the loader position and the random states are added.
+    def state_dict(self) -> Dict[str, Any]:
+        ret = super().state_dict()
+        ret["train_loader"] = self.train_loader.state_dict()
+        ret["rng"] = rng_state()
+        return ret
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "train_loader" in state_dict:
+            self.train_loader.load_state_dict(state_dict["train_loader"])
+            set_rng_state(state_dict["rng"])
+        else:
+            logger.warning("Checkpoint has no data-loader state: the resumed data order differs")
 
 
 def setup(args):
@@ -132,6 +230,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # The library's own messages (e.g. the skipped images) in the console and log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_involution")
     return cfg
 
 

@@ -2,8 +2,10 @@
 """Fetch the detectron2 v0.6 fallback (the ``pb1-detectron2==0.6`` sdist) as buildable sources.
 
 Downloads the sdist from PyPI (pip cannot: its metadata declares a direct-URL extra that PyPI
-rejects), checks its sha256, unpacks it into DEST and disables its C++ extension (its setup.py
-always declares ``detectron2._C``, whose sources it does not ship). Prints the source folder, to be
+rejects), checks its sha256, unpacks it into DEST, disables its C++ extension (its setup.py
+always declares ``detectron2._C``, whose sources it does not ship) and drops its stale pins
+(``black==21.4b2`` for a formatter any black does, ``future``/``pydot`` for Caffe2, which PyTorch 2
+has no more), so that later ``pip install`` calls print no dependency-resolver ERROR. Prints the source folder, to be
 given to ``pip install`` (tools/setup.sh) or ``pip wheel`` (tools/gpu_bundle.sh).
 
 Usage: python tools/pb1_detectron2.py DEST
@@ -19,6 +21,7 @@ from pathlib import Path
 INDEX = "https://pypi.org/pypi/pb1-detectron2/json"
 VERSION = "0.6"
 EXTENSION = "ext_modules=get_extensions(),"
+STALE_REQUIREMENTS = ('"future",', '"pydot",', '"black==21.4b2",')
 
 
 def fetch(dest: Path) -> Path:
@@ -40,7 +43,12 @@ def fetch(dest: Path) -> Path:
     text = setup.read_text()
     if EXTENSION not in text:
         raise RuntimeError("pb1-detectron2's setup.py changed; cannot disable its extension")
-    setup.write_text(text.replace(EXTENSION, "ext_modules=[],"))
+    text = text.replace(EXTENSION, "ext_modules=[],")
+    for requirement in STALE_REQUIREMENTS:
+        if requirement not in text:
+            raise RuntimeError(f"pb1-detectron2's setup.py changed; no {requirement} to drop")
+        text = text.replace(requirement, "")
+    setup.write_text(text)
     return src
 
 

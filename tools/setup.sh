@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up for d2_involution: a virtual environment with PyTorch + torchvision that load
 # together, Detectron2 (installed, from source, or the pb1-detectron2 v0.6 fallback), CuPy where an
-# NVIDIA GPU is present (and for the NVRTC compile tests), and the package itself with [dev] extras.
+# NVIDIA GPU is present (and for the NVRTC compile tests), and the package itself with [dev] extras
+# (test and lint tools, onnx + onnxruntime).
 # Idempotent: what is already there and working is kept. Stops with a one-line reason on failure.
 #
 # Environment: VENV (default .venv), D2INV_DETECTRON2=auto|source|pb1 (default auto),
@@ -93,6 +94,8 @@ fi
 say "installing d2_involution (editable) with [dev] extras"
 "${PIP[@]}" --no-build-isolation --no-deps -e . || die "could not install d2_involution"
 "${PIP[@]}" pytest black isort flake8 || die "could not install the test and lint tools"
+say "installing onnx + onnxruntime (the export tests run the exported graphs)"
+"${PIP[@]}" onnx onnxruntime || die "could not install onnx + onnxruntime"
 
 "$PY" - "$d2_source" <<'PYEOF' || die "d2_involution does not import after set-up"
 import sys
