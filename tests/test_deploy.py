@@ -2,9 +2,8 @@
 
 * ONNX with ``torch.onnx.export(..., dynamo=False)``: a RedNet-26 classifier (odd input sizes) and
   the RedNet-50 involution-FPN backbone of the Faster R-CNN config (sizes divisible by 32, as
-  every Detectron2 FPN needs), executed by onnxruntime, within 1e-4 of PyTorch. The exported
-  graph is only valid at the size it was exported at: ``d2_involution/ops`` turns the sizes into
-  constants while tracing (strict xfail below, reason and fix in it).
+  every Detectron2 FPN needs), executed by onnxruntime, within 1e-4 of PyTorch, at the export size
+  and (dynamic N/H/W axes) at another size.
 * ``torch.export`` of the backbone with dynamic H and W (multiples of 32), run at two sizes.
 * TorchScript traced inside ``pure_pytorch_trace()`` runs in a process where d2_involution cannot
   be imported.
@@ -38,12 +37,6 @@ BACKBONE_CONFIG = (
 )
 TOL = 1e-4
 CLASSIFIER_SIZES = [(57, 83), (64, 64)]
-DIMS_XFAIL = (
-    "d2_involution/ops: under tracing shapes.dims() turns every size into a Python int, so "
-    "_pytorch_forward's reshape/zeros/slices get constant N, H, W in the ONNX graph. Fix: in "
-    "_pytorch_forward take N, C, H, W, Ho, Wo from x.shape / weight.shape (traced tensors) and "
-    "only G and K as ints (verified: dynamic N/H/W export then matches within 4e-8)"
-)
 
 
 def classifier() -> torch.nn.Module:
@@ -123,13 +116,11 @@ def test_onnx_backbone_matches_pytorch(onnx_backbone):
     assert max_onnx_error(model, session, (64, 96), names) < TOL
 
 
-@pytest.mark.xfail(strict=True, reason=DIMS_XFAIL)
 def test_onnx_classifier_dynamic_size(classifiers):
     model, _, session = classifiers[CLASSIFIER_SIZES[0]]
     assert max_onnx_error(model, session, CLASSIFIER_SIZES[1], ["y"]) < TOL
 
 
-@pytest.mark.xfail(strict=True, reason=DIMS_XFAIL)
 def test_onnx_backbone_dynamic_size(onnx_backbone):
     model, session, names = onnx_backbone
     assert max_onnx_error(model, session, (96, 160), names) < TOL
