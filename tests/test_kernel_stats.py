@@ -59,14 +59,16 @@ def _param(kernel: str, dtype: str):
 
 
 def test_finds_loops_in_synthetic_sass():
-    """Innermost loop with the most multiply-adds; HFMA2 counts 2; NOPs are not counted."""
+    """Innermost loop with the most multiply-adds; HFMA2 counts 2, one with an RZ factor 0;
+    NOPs are not counted."""
     sass = "\n".join(
         f"        /*{a:04x}*/                   {t} ;"
         for a, t in [
             (0x00, "MOV R1, R2"),
             (0x10, "FFMA R3, R4, R5, R3"),  # outer loop 0x10..0x70
-            (0x20, "LDG.E R4, [R6.64]"),  # inner loop 0x20..0x50: 2 FMAs + 3 others
+            (0x20, "LDG.E R4, [R6.64]"),  # inner loop 0x20..0x50: 4 instructions, 2 FMAs
             (0x30, "HFMA2 R7, R8, R9, R7"),
+            (0x38, "@P1 HFMA2.MMA R10, -RZ, RZ, 0, 0"),  # a constant load, no multiply-add
             (0x40, "NOP"),
             (0x50, "@P0 BRA 0x20"),
             (0x60, "FFMA R3, R4, R5, R3"),
@@ -76,8 +78,9 @@ def test_finds_loops_in_synthetic_sass():
         ]
     )
     instructions = kernel_stats.parse_sass(sass)
-    assert len(instructions) == 10
-    assert kernel_stats.steady_state_loop(instructions) == (3, 2)
+    assert len(instructions) == 11
+    assert kernel_stats.steady_state_loop(instructions) == (4, 2)
+    assert kernel_stats.fma_count([(0, "FFMA R1, R2, RZ, R3"), (1, "DFMA R2, R4, R6, R2")]) == 1
     assert kernel_stats.opcode("@!P0 HFMA2.MMA R1, R2, R3, R4") == "HFMA2"
 
 
