@@ -16,8 +16,9 @@ forward and grad-input, NCHW and NHWC; the naive ones) in every dtype gives one 
   address ranges [target, branch] of backward branches (``BRA`` to a lower address); of the
   innermost ones (no other loop inside) the one with the most multiply-adds is the steady state.
   Its instructions (``NOP`` excluded) are divided by its multiply-adds: ``FFMA``/``DFMA``/
-  ``HFMA`` count 1, the packed ``HFMA2``/``FFMA2`` (two lanes) 2. A kernel without such a loop is
-  measured over its whole body.
+  ``HFMA`` count 1, the packed ``HFMA2``/``FFMA2`` (two lanes) 2, one with the zero register as a
+  factor (ptxas's constant load ``HFMA2.MMA R1, -RZ, RZ, 0, 0``) 0. A kernel without such a loop
+  is measured over its whole body.
 * ``spills``: spill-store plus spill-load bytes reported by ptxas.
 * ``warps/SM``: the warps one SM holds with these registers (allocated per warp in units of 256,
   each warp in one of 4 register-file sub-partitions) and the block's shared memory (the dynamic
@@ -269,7 +270,19 @@ def opcode(instruction: str) -> str:
 
 
 def fma_count(instructions: Sequence[Tuple[int, str]]) -> int:
-    return sum(FMA_WEIGHTS.get(opcode(text), 0) for _, text in instructions)
+    """Multiply-adds of ``instructions``; an FMA with RZ as a factor (``HFMA2.MMA R1, -RZ, RZ,
+    0, 0``, ptxas's idiom for loading a constant) multiplies nothing and counts 0."""
+    return sum(
+        FMA_WEIGHTS.get(opcode(text), 0) * (not _has_zero_factor(text)) for _, text in instructions
+    )
+
+
+def _has_zero_factor(instruction: str) -> bool:
+    """Whether one of an FMA's two factors (its second and third operands) is the zero register."""
+    if instruction.startswith("@"):
+        instruction = instruction.split(None, 1)[1]
+    operands = instruction.split(None, 1)[1].split(",") if " " in instruction else []
+    return "RZ" in [o.strip().lstrip("-|") for o in operands[1:3]]
 
 
 def steady_state_loop(instructions: Sequence[Tuple[int, str]]) -> Tuple[int, int]:

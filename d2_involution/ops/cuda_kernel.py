@@ -533,6 +533,13 @@ def generate_weights(r: torch.Tensor, gen_weight: torch.Tensor, gen_bias: torch.
     return flat.reshape(N, M // (K * K), K, K, Ho, Wo)
 
 
+def _generator_at(gen_weight: torch.Tensor, M: int, Cr: int) -> torch.Tensor:
+    """gen_weight as the fused kernels take it: At (Cr, M), contiguous, in the accumulator dtype
+    (an exact fp32 copy for fp16/bf16, so that the generation loop converts no weight)."""
+    acc = torch.promote_types(gen_weight.dtype, torch.float32)
+    return gen_weight.reshape(M, Cr).t().to(acc).contiguous()
+
+
 def fused_forward(
     x: torch.Tensor,
     r: torch.Tensor,
@@ -564,7 +571,7 @@ def fused_forward(
         return forward(x, weight, stride, padding, dilation)
     out = _empty_like_layout(x, (N, C, Ho, Wo), layout)
     x, r = as_layout(x, layout), as_layout(r, layout)
-    at = gen_weight.reshape(M, Cr).t().contiguous()
+    at = _generator_at(gen_weight, M, Cr)
     cfg = kernel.config
     tiles = _cdiv(Ho, cfg.tile_rows) * _cdiv(Wo, cfg.tile_cols)
     flags = _vec16(layout, C // G, cfg.channels, C, x)
@@ -636,7 +643,7 @@ def _fused_grad_input(grad_out, x, r, gen_weight, gen_bias, stride, padding, dil
         weight = generate_weights(r, gen_weight, gen_bias, K)
         return as_layout(grad_input(grad_out, weight, H, W, stride, padding, dilation), layout)
     gx = _empty_like_layout(x, (N, C, H, W), layout)
-    at = gen_weight.reshape(M, Cr).t().contiguous()
+    at = _generator_at(gen_weight, M, Cr)
     cfg = kernel.config
     flags = _vec16(layout, C // G, cfg.channels, C, grad_out)
     ints = (N, C, G, H, W, Ho, Wo, padding, Cr, flags)

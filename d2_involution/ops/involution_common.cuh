@@ -55,6 +55,18 @@ __device__ __forceinline__ P* d2i_opaque(P* p) {
   return p;
 }
 
+// p + k for a 32-bit element offset k, as one wide multiply-add (IMAD.WIDE) on the GPU: the
+// optimiser would otherwise keep k sign-extended to 64 bits and add both halves.
+template <typename P>
+__device__ __forceinline__ P* d2i_offset(P* p, int k) {
+#ifndef D2I_HOST_EMULATION
+  asm("mad.wide.s32 %0, %1, %2, %0;" : "+l"(p) : "r"(k), "n"(static_cast<int>(sizeof(P))));
+  return p;
+#else
+  return p + k;
+#endif
+}
+
 // Conversions between the stored type T and the accumulator type, one value at a time.
 __device__ __forceinline__ float d2i_to_acc(float v) { return v; }
 __device__ __forceinline__ double d2i_to_acc(double v) { return v; }

@@ -5,7 +5,9 @@
 // (M = G*K*K, Cr) and gen_bias (M) its last 1x1 convolution, whose output channel m = (g, u, v)
 // is weight(n, g, u, v, i, j) = gen_bias[m] + sum_j gen_weight[m, j] * r[n, j, i, j']. The kernels
 // take gen_weight transposed, At (Cr, M) contiguous, so that the K weights of one tap row are
-// adjacent (immediate offsets). NHWC kernels take x / grad_out / grad_x / r channels_last.
+// adjacent (immediate offsets), and in the accumulator type (fp32 for fp16/bf16: an exact copy,
+// so the generation loop converts only r). NHWC kernels take x / grad_out / grad_x / r
+// channels_last.
 //
 // Forward and grad-input are the kernels of involution_cuda.cu (involution_tile.cuh: tiles,
 // launch configuration, register windows) with the weight source swapped: a thread generates the
@@ -32,38 +34,52 @@ template <typename T, int K_, int S_, int D_, int P, int LAYOUT>
 struct GeneratedForwardWeights {
   static constexpr int K = K_, S = S_, D = D_;
   typedef typename Acc<T>::type A;
-  const T *r, *at, *bias;
+  const T* r;
+  const A* at;
+  const T* bias;
   int G, Ho, Wo, Cr;
-  const T *rbase, *abase, *bbase;
+  const T *rbase, *bbase;
+  const A* abase;
   unsigned int qmask;
+  int qoff[P];  // NHWC: r offset of output q's pixel, clamped into the row (not stored if out)
   __device__ __forceinline__ void start(int n, int g, int i, int j0, unsigned int mask) {
     qmask = mask;
     const d2i_int64 image = static_cast<d2i_int64>(n) * Cr * Ho * Wo;
+    const int jb = min2(j0, Wo - 1);
+#pragma unroll
+    for (int q = 0; q < P; ++q) qoff[q] = (min2(j0 + q, Wo - 1) - jb) * Cr;
     rbase = r + image + (LAYOUT == kNCHW ? i * Wo + j0
-                                         : (static_cast<d2i_int64>(i) * Wo + j0) * Cr);
+                                         : (static_cast<d2i_int64>(i) * Wo + jb) * Cr);
     abase = at + g * K * K;
     bbase = bias + g * K * K;
   }
-  // Per r channel j: one 64-bit address for r (NCHW: the thread's P outputs are adjacent; NHWC:
-  // P addresses, each output's channels adjacent) and one for gen_weight, the rest immediate.
+  // Per r channel j: the r and gen_weight pointers advance by one channel (NCHW: the thread's P
+  // outputs adjacent, immediate offsets; NHWC: P clamped offsets, one address each), the K
+  // gen_weight values of the tap row adjacent.
   __device__ __forceinline__ void row(int u, A (&wr)[K][P]) const {
     const int M = G * K * K, rstep = LAYOUT == kNCHW ? Ho * Wo : 1;
-    const T* ap = d2i_opaque(abase + u * K);
 #pragma unroll
     for (int v = 0; v < K; ++v) {
       const A b = d2i_load(bbase + u * K + v);
 #pragma unroll
       for (int q = 0; q < P; ++q) wr[v][q] = b;
     }
-    int roff = 0, aoff = 0;
+    // NCHW outputs outside the plane (qmask bit clear) keep a stale r value: they are not stored.
+    A rv[P];
+#pragma unroll
+    for (int q = 0; q < P; ++q) rv[q] = A(0);
+    const T* rp = d2i_opaque(rbase);
+    const A* aj = d2i_opaque(abase + u * K);
 #pragma unroll 2
-    for (int j = 0; j < Cr; ++j, roff += rstep, aoff += M) {
-      const T* rp = d2i_opaque(rbase + roff);
-      const T* aj = d2i_opaque(ap + aoff);
-      A rv[P], av[K];
+    for (int j = 0; j < Cr; ++j, rp = d2i_opaque(rp + rstep), aj = d2i_opaque(aj + M)) {
+      A av[K];
 #pragma unroll
       for (int q = 0; q < P; ++q) {
-        rv[q] = (qmask >> q) & 1u ? d2i_load(LAYOUT == kNCHW ? rp + q : rp + q * Cr) : A(0);
+        if (LAYOUT == kNHWC) {
+          rv[q] = d2i_load(rp + qoff[q]);
+        } else if ((qmask >> q) & 1u) {
+          rv[q] = d2i_load(rp + q);
+        }
       }
 #pragma unroll
       for (int v = 0; v < K; ++v) av[v] = d2i_load(aj + v);
@@ -83,9 +99,12 @@ template <typename T, int K_, int S_, int D_, int P, int R, int LAYOUT>
 struct GeneratedGradInputWeights {
   static constexpr int K = K_, S = S_, D = D_;
   typedef typename Acc<T>::type A;
-  const T *r, *at, *bias;
+  const T* r;
+  const A* at;
+  const T* bias;
   int G, Ho, Wo, Cr;
-  const T *rbase, *abase, *bbase;  // r (n)
+  const T *rbase, *bbase;  // r (n)
+  const A* abase;
   unsigned int colmask;
   int coff[P + R];  // r offset of window column l, clamped into the row (masked afterwards)
   __device__ __forceinline__ void start(int n, int g, int nb) {
@@ -103,8 +122,6 @@ struct GeneratedGradInputWeights {
   __device__ __forceinline__ void row(int u, int i, A (&wr)[K][P]) const {
     constexpr int L = P + R;
     const int M = G * K * K, rstep = LAYOUT == kNCHW ? Ho * Wo : 1;
-    const T* rrow = rbase + (LAYOUT == kNCHW ? i * Wo : static_cast<d2i_int64>(i) * Wo * Cr);
-    const T* ap = d2i_opaque(abase + u * K);
 #pragma unroll
     for (int v = 0; v < K; ++v) {
       if ((PX - v * D) % S == 0) {
@@ -113,14 +130,15 @@ struct GeneratedGradInputWeights {
         for (int q = 0; q < P; ++q) wr[v][q] = b;
       }
     }
-    int roff = 0, aoff = 0;
+    // The r and gen_weight pointers advance by one channel: one address a window column.
+    const T* rp = d2i_opaque(
+        rbase + (LAYOUT == kNCHW ? i * Wo : static_cast<d2i_int64>(i) * Wo * Cr));
+    const A* aj = d2i_opaque(abase + u * K);
 #pragma unroll 1
-    for (int j = 0; j < Cr; ++j, roff += rstep, aoff += M) {
-      const T* rp = d2i_opaque(rrow + roff);
-      const T* aj = d2i_opaque(ap + aoff);
+    for (int j = 0; j < Cr; ++j, rp = d2i_opaque(rp + rstep), aj = d2i_opaque(aj + M)) {
       A rw[L];
 #pragma unroll
-      for (int l = 0; l < L; ++l) rw[l] = d2i_load(rp + coff[l]);
+      for (int l = 0; l < L; ++l) rw[l] = d2i_load(d2i_offset(rp, coff[l]));
 #pragma unroll
       for (int v = 0; v < K; ++v) {
         if ((PX - v * D) % S == 0) {
@@ -148,6 +166,9 @@ struct GeneratedGradInputWeights {
 #if defined(D2I_T) && defined(D2I_K) && defined(D2I_S)
 // Generation needs more registers than loading: at most 2 (forward) or 1 (grad-input) channels a
 // thread in fp64, and 4 where grad-input's r window is long (large dilation).
+// The host passes At in the accumulator type (fp32 for fp16/bf16: no conversion a load).
+typedef Acc<D2I_T>::type d2i_acc;
+#define D2I_AT reinterpret_cast<const d2i_acc*>(in2)
 typedef d2i::FwdCfg<D2I_T, D2I_K, D2I_S, D2I_D, 2> d2i_fwd;
 typedef d2i::GradInputCfg<D2I_T, D2I_K, D2I_S, D2I_D, 1,
                           ((D2I_K - 1) * D2I_D / D2I_S + 4 > 12 ? 4 : 8)>
@@ -167,7 +188,7 @@ D2I_CONFIG(involution_fused_grad_input_nhwc, d2i_gin)
   extern "C" __global__ void __launch_bounds__(d2i_fwd::NT, 4) name(D2I_ARGS) {                \
     if constexpr (d2i_fwd::TileT::FITS) {                                                        \
       d2i::GeneratedForwardWeights<D2I_T, D2I_K, D2I_S, D2I_D, d2i_fwd::P, layout> wsrc{         \
-          in1, in2, in3, G, Ho, Wo, Cr};                                                         \
+          in1, D2I_AT, in3, G, Ho, Wo, Cr};                                                      \
       d2i::forward_tile<layout, d2i_fwd>(in0, out, wsrc, C, G, H, W, Ho, Wo, pad, flags & 1);   \
     }                                                                                            \
   }
@@ -178,7 +199,7 @@ D2I_FUSED_FORWARD(involution_fused_forward_nhwc, d2i::kNHWC)
   extern "C" __global__ void __launch_bounds__(d2i_gin::NT, 4) name(D2I_ARGS) {                \
     if constexpr (d2i_gin::TileT::FITS) {                                                        \
       d2i::GeneratedGradInputWeights<D2I_T, D2I_K, D2I_S, D2I_D, d2i_gin::P, d2i_gin::R, layout> \
-          wsrc{in1, in2, in3, G, Ho, Wo, Cr};                                                    \
+          wsrc{in1, D2I_AT, in3, G, Ho, Wo, Cr};                                                 \
       d2i::grad_input_tile<layout, d2i_gin>(in0, out, wsrc, C, G, H, W, Ho, Wo, pad, flags & 1); \
     }                                                                                            \
   }
