@@ -1,10 +1,12 @@
 """torch.compile (Inductor, CPU) of RedNet models equals eager; a bf16 CPU autocast detector step.
 
 * The RedNet-26 classifier and the Faster R-CNN RedNet-26 FPN backbone of
-  configs/Shapes/faster_rcnn_rednet26_fpn.yaml, compiled with Inductor (a fresh cache directory
-  per test, so the cost measured is the real compile): forward outputs and every parameter
-  gradient within rtol 1e-4 / atol 1e-5 of eager (fp32). Inputs are small (48x48, 64x64) to keep
-  the compile and the run cheap; the involution op is one opaque custom-op node in the graph.
+  configs/Shapes/faster_rcnn_rednet26_fpn.yaml, compiled with Inductor (one fresh cache directory
+  for this module, so the compile is real; the two models share their stage kernels): forward
+  outputs within rtol 1e-4 / atol 1e-5 of eager, every parameter gradient within 1e-4 of its
+  largest entry (fp32; a bias gradient sums thousands of terms, so a fixed atol would test the
+  summation order). Inputs are small (64x64) to keep the compile and the run cheap; the
+  involution op is one opaque custom-op node in the graph.
 * One training step of the Shapes Faster R-CNN under ``torch.autocast("cpu", torch.bfloat16)``:
   every loss finite and within 5% (relative) of the fp32 step with the same seed (bf16 keeps 8
   mantissa bits; the ROI losses also see slightly different proposals), gradients finite.
@@ -27,12 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 FASTER_RCNN = REPO / "configs" / "Shapes" / "faster_rcnn_rednet26_fpn.yaml"
 
 
-@pytest.fixture()
-def fresh_inductor_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+@pytest.fixture(scope="module")
+def fresh_inductor_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        torch._dynamo.reset()
+        yield
+        torch._dynamo.reset()
 
 
 def _shapes_cfg(*opts: str):
@@ -64,13 +67,14 @@ def _compare_compiled(model: torch.nn.Module, x: torch.Tensor) -> None:
     for a, b in zip(out, eager_out):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for name, g in grads.items():
-        torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        scale = float(eager_grads[name].abs().max())
+        torch.testing.assert_close(g, eager_grads[name], rtol=0, atol=1e-4 * scale + 1e-7, msg=name)
 
 
 def test_compiled_classifier_matches_eager(fresh_inductor_cache):
     torch.manual_seed(0)
     model = randomize_norms(RedNetClassifier(build_rednet(26, stem_involution_kernel=3), 10))
-    _compare_compiled(model.eval(), torch.randn(2, 3, 48, 48))
+    _compare_compiled(model.eval(), torch.randn(1, 3, 64, 64))
 
 
 def test_compiled_faster_rcnn_backbone_matches_eager(fresh_inductor_cache):
