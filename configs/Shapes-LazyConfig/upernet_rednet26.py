@@ -1,0 +1,9 @@
+# UPerNet, RedNet-26 (128 channels, auxiliary FCN head on res4) on the built-in shapes data:
+# configs/Shapes/upernet_rednet26.yaml as a LazyConfig, with the data and schedule of
+# semantic_fpn_rednet26_fpn.py next to it.
+from ..common.models.upernet_rednet import model
+from .semantic_fpn_rednet26_fpn import dataloader, lr_multiplier, optimizer, train  # noqa: F401
+
+model.backbone.update(depth=26, norm="BN")
+model.sem_seg_head.update(num_classes=6, channels=128, aux_channels=64, norm="BN")
+train.output_dir = "output/shapes-lazyconfig/upernet_rednet26"
