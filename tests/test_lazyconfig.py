@@ -1,20 +1,27 @@
 """LazyConfig ``.py`` configs build the same models as their YAML twins, and train + evaluate.
 
-For each pair: the same module tree (names, shapes, frozen parameters, the printed modules) and,
-with the YAML model's weights (random norm statistics, so every block matters) loaded into the
-LazyConfig model, the same detections on a random image. The Shapes LazyConfig trains 2
-iterations through tools/lazyconfig_train_net.py and is evaluated on shapes_val; ``--eval-only``
-on its final checkpoint reproduces that evaluation.
+For each pair: the same module tree (names, shapes, frozen parameters, the printed modules), the
+same settings held outside parameters (matchers, box transforms, loss and test parameters, pixel
+mean/std, anchors). The Shapes pairs, with the YAML model's weights (random norm statistics, so
+every block matters) loaded into the LazyConfig model, also give the same predictions on a random
+image and the same training losses on it. Shapes LazyConfigs train 2 iterations through
+tools/lazyconfig_train_net.py and are evaluated; ``--eval-only`` on the final checkpoint
+reproduces that evaluation.
 """
 
+import inspect
 import sys
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
 import torch
 from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+from omegaconf import DictConfig, ListConfig
 from random_weights import randomize_norms
 
 from d2_involution import add_involution_config
@@ -24,17 +31,34 @@ sys.path.insert(0, str(REPO / "tools"))
 import lazyconfig_train_net  # noqa: E402
 
 CONFIGS = REPO / "configs"
-COCO = [
+# RedNet-50 models, next to their YAML twins: building them is cheap, running them is not.
+FULL_SIZE = [
     "COCO-Detection/faster_rcnn_rednet50_fpn_1x",
     "COCO-Detection/faster_rcnn_rednet50_involution_fpn_1x",
+    "COCO-Detection/retinanet_rednet50_fpn_1x",
+    "COCO-Detection/retinanet_rednet50_involution_fpn_1x",
     "COCO-InstanceSegmentation/mask_rcnn_rednet50_fpn_1x",
     "COCO-InstanceSegmentation/mask_rcnn_rednet50_involution_fpn_1x",
+    "Cityscapes/semantic_fpn_rednet50_512x1024_80k",
+    "Cityscapes/semantic_fpn_rednet50_involution_fpn_512x1024_80k",
+    "Cityscapes/upernet_rednet50_512x1024_80k",
 ]
 SHAPES_PAIRS = [
-    ("Shapes-LazyConfig/faster_rcnn_rednet26_fpn", "Shapes/faster_rcnn_rednet26_fpn"),
-    ("Shapes-LazyConfig/mask_rcnn_rednet26_fpn", "Shapes/mask_rcnn_rednet26_fpn"),
+    (f"Shapes-LazyConfig/{name}", f"Shapes/{name}")
+    for name in (
+        "faster_rcnn_rednet26_fpn",
+        "mask_rcnn_rednet26_fpn",
+        "retinanet_rednet26_fpn",
+        "retinanet_rednet26_involution_fpn",
+        "semantic_fpn_rednet26_fpn",
+        "semantic_fpn_rednet26_involution_fpn",
+        "upernet_rednet26",
+    )
 ]
 SHAPES = str(CONFIGS / "Shapes-LazyConfig" / "faster_rcnn_rednet26_fpn.py")
+SHAPES_SEM_SEG = str(CONFIGS / "Shapes-LazyConfig" / "upernet_rednet26.py")
+# What every nn.Module holds (parameters, hooks, the training flag): compared otherwise or not.
+_MODULE_INTERNALS = set(vars(torch.nn.Module()))
 
 
 def _yaml_model(name: str) -> torch.nn.Module:
@@ -44,41 +68,110 @@ def _yaml_model(name: str) -> torch.nn.Module:
     return randomize_norms(build_model(cfg)).eval()
 
 
-def _detect(model: torch.nn.Module, image: torch.Tensor):
-    with torch.no_grad():
-        return model([{"image": image, "height": 70, "width": 90}])[0]["instances"]
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as lists, dicts and scalars: sequences (OmegaConf's too) as lists, other objects
+    (matchers, box transforms) as their type and attributes; tensors and modules by type only."""
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        return type(value).__name__
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, (dict, DictConfig)):
+        return {k: _plain(v, depth + 1) for k, v in value.items()}
+    if inspect.isroutine(value) or isinstance(value, type) or not hasattr(value, "__dict__"):
+        return value
+    if depth > 3:
+        return type(value).__name__
+    return {"type": type(value).__name__, **_plain(vars(value), depth + 1)}
 
 
-def _same_module_tree(model: torch.nn.Module, reference: torch.nn.Module) -> None:
+def _settings(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
+    """The non-parameter attributes of every module, by module name."""
+    settings = {}
+    for name, module in model.named_modules():
+        attributes = {k: _plain(v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
+        # FastRCNNOutputLayers: the YAML gives {"loss_box_reg": w}, a missing loss weighs 1.0.
+        if isinstance(attributes.get("loss_weight"), dict):
+            attributes["loss_weight"] = {"loss_cls": 1.0, "loss_box_reg": 1.0}
+            attributes["loss_weight"].update(_plain(module.loss_weight))
+        settings[name] = attributes
+    return settings
+
+
+def _same_model(model: torch.nn.Module, reference: torch.nn.Module) -> None:
     want = {k: (p.shape, p.requires_grad) for k, p in reference.named_parameters()}
     assert {k: (p.shape, p.requires_grad) for k, p in model.named_parameters()} == want
     assert model.state_dict().keys() == reference.state_dict().keys()
     assert str(model) == str(reference)
+    assert _settings(model) == _settings(reference)
+    # Buffers outside the state dict (pixel mean/std, cell anchors) come from the config only.
+    buffers = dict(model.named_buffers())
+    for name, buffer in reference.named_buffers():
+        if name not in reference.state_dict():
+            torch.testing.assert_close(buffers[name], buffer, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("name", COCO)
+def _input(image: torch.Tensor, training: bool) -> dict:
+    """One image and, for training, two boxes with masks and a label map with ignored pixels."""
+    if not training:
+        return {"image": image, "height": 70, "width": 90}
+    h, w = image.shape[-2:]
+    instances = Instances((h, w), gt_classes=torch.tensor([1, 3]))
+    instances.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 40.0, 44.0], [50.0, 20.0, 90.0, 60.0]]))
+    masks = torch.zeros(2, h, w, dtype=torch.bool)
+    masks[0, 12:44, 10:40] = masks[1, 20:60, 50:90] = True
+    instances.gt_masks = BitMasks(masks)
+    sem_seg = torch.zeros(h, w, dtype=torch.long)
+    sem_seg[masks[0]], sem_seg[masks[1]], sem_seg[:4] = 2, 4, 255
+    return {"image": image, "instances": instances, "sem_seg": sem_seg}
+
+
+def _predictions(model: torch.nn.Module, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    with torch.no_grad():
+        output = model([_input(image, training=False)])[0]
+    if "sem_seg" in output:
+        return {"sem_seg": output["sem_seg"]}
+    fields = output["instances"].get_fields()
+    assert len(fields["pred_boxes"]) > 0
+    return {k: v.tensor if k == "pred_boxes" else v for k, v in fields.items()}
+
+
+def _training_losses(model: torch.nn.Module, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Losses on ``image`` and its mirror image (two: UPerNet's 1x1 pooling has a BN)."""
+    model.train()
+    torch.manual_seed(0)  # the same proposal/anchor sampling and dropout in both models
+    with torch.no_grad(), EventStorage():
+        losses = model([_input(image, training=True), _input(image.flip(-1), training=True)])
+    model.eval()
+    return losses
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
 def test_lazyconfig_builds_the_yaml_model(name):
-    """RedNet-50 detectors: the module tree (building them is cheap, running them is not)."""
     model = instantiate(LazyConfig.load(str(CONFIGS / f"{name}.py")).model)
-    _same_module_tree(model, _yaml_model(name))
+    _same_model(model, _yaml_model(name))
 
 
 @pytest.mark.parametrize("lazy,yaml", SHAPES_PAIRS)
-def test_lazyconfig_shapes_model_detects_as_the_yaml_one(lazy, yaml):
+def test_lazyconfig_shapes_model_predicts_and_trains_as_the_yaml_one(lazy, yaml):
     reference = _yaml_model(yaml)
     model = instantiate(LazyConfig.load(str(CONFIGS / f"{lazy}.py")).model).eval()
-    _same_module_tree(model, reference)
+    _same_model(model, reference)
     model.load_state_dict(reference.state_dict())
-    # Score threshold 0 in both: every kept box is compared, not only the confident ones.
+    # Score threshold 0 in both detectors: every kept box is compared, not only the confident ones.
     for m in (model, reference):
-        assert m.roi_heads.box_predictor.test_score_thresh == 0.05
-        m.roi_heads.box_predictor.test_score_thresh = 0.0
+        owner = m.roi_heads.box_predictor if hasattr(m, "roi_heads") else m
+        if hasattr(owner, "test_score_thresh"):
+            assert owner.test_score_thresh == 0.05
+            owner.test_score_thresh = 0.0
     image = torch.randint(0, 256, (3, 64, 96), generator=torch.Generator().manual_seed(0)).float()
-    got, expected = _detect(model, image), _detect(reference, image)
-    assert len(expected) > 0 and got.get_fields().keys() == expected.get_fields().keys()
-    torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor)
-    for field in set(expected.get_fields()) - {"pred_boxes"}:
-        torch.testing.assert_close(got.get(field), expected.get(field))
+    got, expected = _predictions(model, image), _predictions(reference, image)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], msg=key)
+    got, expected = _training_losses(model, image), _training_losses(reference, image)
+    assert got.keys() == expected.keys() and all(v > 0 for v in expected.values())
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], msg=key)
 
 
 def test_lazyconfig_overrides_reach_the_model():
