@@ -181,7 +181,12 @@ def test_lazyconfig_overrides_reach_the_model():
     assert model.roi_heads.box_predictor.cls_score.out_features == 8 and cfg.train.max_iter == 5
 
 
-def test_lazyconfig_trains_and_evaluates_on_shapes(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "config,task,metrics",
+    [(SHAPES, "bbox", {"AP", "AP50"}), (SHAPES_SEM_SEG, "sem_seg", {"mIoU", "pACC"})],
+    ids=["faster_rcnn", "upernet"],
+)
+def test_lazyconfig_trains_and_evaluates_on_shapes(tmp_path, monkeypatch, config, task, metrics):
     # A small generated copy of the shapes splits: 4 validation images keep the 2 evaluations cheap.
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
     monkeypatch.setenv("D2INV_SHAPES_TRAIN_IMAGES", "8")
@@ -189,12 +194,12 @@ def test_lazyconfig_trains_and_evaluates_on_shapes(tmp_path, monkeypatch):
     out = tmp_path / "output"
     opts = [f"train.output_dir={out}", "train.max_iter=2", "train.log_period=1"]
     results = lazyconfig_train_net.main(
-        default_argument_parser().parse_args(["--config-file", SHAPES, *opts])
+        default_argument_parser().parse_args(["--config-file", config, *opts])
     )
     assert (out / "model_final.pth").is_file() and (out / "config.yaml").is_file()
     assert "total_loss" in (out / "metrics.json").read_text()
-    assert set(results["bbox"]) >= {"AP", "AP50"}
-    argv = ["--config-file", SHAPES, "--eval-only", f"train.output_dir={out}"]
+    assert set(results[task]) >= metrics
+    argv = ["--config-file", config, "--eval-only", f"train.output_dir={out}"]
     argv.append(f"train.init_checkpoint={out / 'model_final.pth'}")
     again = lazyconfig_train_net.main(default_argument_parser().parse_args(argv))
-    assert again["bbox"] == pytest.approx(results["bbox"], nan_ok=True)
+    assert again[task] == pytest.approx(results[task], nan_ok=True)
