@@ -107,3 +107,13 @@ def shapes_classification_root(datasets_root: str) -> str:
     return generate_shapes_classification(
         root, num_train_per_class=20, num_val_per_class=5, image_size=64, seed=0
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's small models: on 2 shared cores, 2 threads spinning
+    against other jobs ran them several times slower (request with ``usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import lazyconfig_train_net  # noqa: E402
 
 CONFIGS = REPO / "configs"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # RedNet-50 models, next to their YAML twins: building them is cheap, running them is not.
 FULL_SIZE = [
     "COCO-Detection/faster_rcnn_rednet50_fpn_1x",
