@@ -1,7 +1,8 @@
 """A deterministic synthetic "shapes" dataset: the built-in data that needs no download.
 
 Each scene is a textured, noisy background with a few filled shapes (circle, square, triangle,
-ellipse, star) of random size, rotation and colour; colours are not tied to classes. Shapes may
+ellipse, star) of random size, position and colour, upright up to a small random tilt; colours are
+not tied to classes. Shapes may
 overlap: every instance mask is the exact *visible* part of its shape after occlusion by the shapes
 painted above it, and a shape left with too little visible area is removed from the scene (it is
 neither drawn nor annotated). Masks are rasterised once and the same pixels are painted, so masks,
@@ -58,8 +59,8 @@ _NOISE_STD = 4.0  # pixel noise of every image, in grey levels
 # Nominal radii (fractions of the image side) in the classification images: the dominant shape
 # and the small shapes of other classes below it.
 _CLS_RADIUS = (0.22, 0.32)
-# Shapes stand upright, tilted by at most this angle (radians). With any rotation, classes are far
-# slower to learn from scratch (docs/training.md, "How the built-in data was designed").
+# Shapes stand upright, tilted by at most this angle. With any rotation, classes are far slower
+# to learn from scratch (docs/datasets.md, "How the shapes data was designed").
 _MAX_TILT_DEGREES = 20.0
 _MAX_TILT = float(np.deg2rad(_MAX_TILT_DEGREES))
 # Detection scenes: shapes drawn per image (before the mostly hidden ones are removed) and their
@@ -353,8 +354,8 @@ def generate_shapes_split(
 ) -> str:
     """Generate (once) the detection + semantic split ``<root>/<split>``; returns its path.
 
-    ``root`` defaults to ``$DETECTRON2_DATASETS/shapes``. Each image holds 2-5 shapes (before
-    removal of the mostly hidden ones) of nominal radius 8-20% of ``image_size``.
+    ``root`` defaults to ``$DETECTRON2_DATASETS/shapes``. Each image holds 3-6 shapes (before
+    removal of the mostly hidden ones) of nominal radius 10-20% of ``image_size``.
     """
     if not isinstance(split, str) or not split or "/" in split or split.startswith("."):
         raise ValueError(f"split must be a plain folder name like 'train', got {split!r}")
