@@ -426,8 +426,8 @@ def generate_shapes_classification(
 ) -> str:
     """Generate (once) an ImageNet-style folder ``root/{train,val}/<class>/*.png``; returns root.
 
-    Each image shows one dominant shape of its class (nominal radius 28-40% of the image, near the
-    centre) above up to ``max_distractors`` small shapes of other classes (radius 6-10%).
+    Each image shows one dominant shape of its class (nominal radius 22-32% of the image, wholly
+    inside it) above up to ``max_distractors`` small shapes of other classes (radius 8-12%).
     ``root`` defaults to ``$DETECTRON2_DATASETS/shapes/classification``.
     """
     num_train_per_class = _check_int("num_train_per_class", num_train_per_class, 1)
