@@ -7,7 +7,8 @@ CI budget: the configs' full schedules take 10-20 min each on 2 cores (docs/trai
   above the untrained model's, evaluated in the same test on the same val split (margin 20 points;
   measured 31.0 vs 0.0);
 * every other config is smoke-trained (a few iterations, then the full evaluation). The semantic
-  models do not beat the all-background prediction in a CI-sized run (docs/training.md).
+  FPN does not yet tell the shapes apart after 200 iterations (mIoU 20.1, pixel accuracy 77.2
+  under the all-background prediction's 78.7; docs/training.md), so no margin can be asserted.
 """
 
 import json
@@ -17,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
-import numpy as np
 import pytest
 import torch
 from detectron2.engine import default_argument_parser
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -96,7 +95,7 @@ def test_eval_only_reproduces_final_evaluation(trained, tmp_path):
 
 
 def test_demo_on_trained_model(trained, tmp_path):
-    """tools/demo.py (as a command) on two val images: pictures and JSON that match the task."""
+    """tools/demo.py (as a command) on two val images: pictures, and JSON with the detections."""
     config, out, _ = trained
     from detectron2.data import DatasetCatalog
 
@@ -123,16 +122,8 @@ def test_demo_on_trained_model(trained, tmp_path):
     assert [r["file_name"] for r in records] == images
     for image, record in zip(images, records):
         assert (tmp_path / (Path(image).stem + ".png")).is_file()
-        if TRAINED[config][0] == "sem_seg":
-            labels = np.array(Image.open(tmp_path / record["sem_seg"]["file_name"]))
-            assert labels.shape == (record["height"], record["width"])
-            assert set(np.unique(labels).tolist()) == set(map(int, record["sem_seg"]["classes"]))
-        else:
-            assert all(inst["score"] >= 0.2 for inst in record["instances"])
-    if TRAINED[config][0] == "sem_seg":  # a trained model finds shapes in some image
-        assert max(len(r["sem_seg"]["classes"]) for r in records) >= 2
-    else:  # a trained detector finds some of the shapes
-        assert sum(len(r["instances"]) for r in records) >= 1
+        assert all(inst["score"] >= 0.2 for inst in record["instances"])
+    assert sum(len(r["instances"]) for r in records) >= 1  # the trained detector finds shapes
 
 
 @pytest.mark.parametrize("config", SMOKE)
