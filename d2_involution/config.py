@@ -65,6 +65,9 @@ def _add_head_keys(cfg: CN) -> None:
 
 
 def _add_training_keys(cfg: CN) -> None:
+    # "SGD" (Detectron2's optimizer) or "ADAMW" (torch.optim.AdamW, BASE_LR and WEIGHT_DECAY as
+    # its lr and weight_decay); the name and values follow Detectron2's Panoptic-DeepLab project.
+    cfg.SOLVER.OPTIMIZER = "SGD"
     # Poly schedule (SOLVER.LR_SCHEDULER_NAME = "WarmupPolyLR", see d2_involution.solver):
     # lr = BASE_LR * max((1 - iter / MAX_ITER) ** POLY_LR_POWER, POLY_LR_CONSTANT_ENDING).
     cfg.SOLVER.POLY_LR_POWER = 0.9

@@ -15,6 +15,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.solver import build_lr_scheduler as d2_build_lr_scheduler
 from detectron2.solver import build_optimizer as d2_build_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import ParamScheduler
 
@@ -98,13 +99,38 @@ def clip_full_model_gradients(
     return optimizer
 
 
+OPTIMIZERS = ("SGD", "ADAMW")
+
+
+def _build_base_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER``: "SGD" is Detectron2's ``build_optimizer``; "ADAMW" is
+    ``torch.optim.AdamW`` on the same parameter groups (norm/bias weight decay and LR factors) with
+    the same per-parameter clipping, as Detectron2's Panoptic-DeepLab project builds its Adam."""
+    name = cfg.SOLVER.OPTIMIZER
+    if name == "SGD":
+        return d2_build_optimizer(cfg, model)
+    if name != "ADAMW":
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {name!r}")
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+        params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+    )
+
+
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Detectron2's ``build_optimizer`` plus ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "full_model"``."""
+    """The optimizer ``SOLVER.OPTIMIZER`` names, plus ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE:
+    "full_model"``."""
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if not (clip.ENABLED and clip.CLIP_TYPE == "full_model"):
-        return d2_build_optimizer(cfg, model)
+        return _build_base_optimizer(cfg, model)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
-    optimizer = d2_build_optimizer(cfg, model)
+    optimizer = _build_base_optimizer(cfg, model)
     return clip_full_model_gradients(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)

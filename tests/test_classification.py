@@ -24,6 +24,7 @@ from PIL import Image
 import d2_involution
 from d2_involution.checkpoint import export_backbone, load_backbone_weights
 from d2_involution.classification import (
+    ClassificationTrainer,
     RedNetClassifier,
     get_cls_cfg,
     scale_solver_to_actual_batch,
@@ -162,6 +163,15 @@ def test_classifier_from_config_is_a_detectron2_meta_architecture():
     assert isinstance(model, RedNetClassifier) and isinstance(model.backbone.stem, RedNetStem)
     assert model.backbone.stem.involution.kernel_size == 3 and model.fc.out_features == 4
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[26] - 996 * 2049
+
+
+def test_trainer_builds_the_optimizer_solver_optimizer_names():
+    """SOLVER.OPTIMIZER reaches the classification trainer as it reaches train_net.py's."""
+    cfg = get_cls_cfg()
+    model = torch.nn.Linear(2, 2)
+    assert type(ClassificationTrainer.build_optimizer(cfg, model)) is torch.optim.SGD
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    assert type(ClassificationTrainer.build_optimizer(cfg, model)) is torch.optim.AdamW
 
 
 def test_batch_scaling_rule():

@@ -299,6 +299,49 @@ def test_full_model_clipping_differs_from_detectron2_per_parameter_norm():
     assert all(n == pytest.approx(0.5, rel=1e-4) for n in norms)  # each parameter separately
 
 
+def _conv_bn() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.linspace(-3.0, 2.0 + i, p.numel()).view_as(p)
+    return model
+
+
+def test_adamw_optimizer_takes_detectron2s_parameter_groups():
+    cfg = _solver_cfg(OPTIMIZER="ADAMW", BASE_LR=1.0, WEIGHT_DECAY=0.05, WEIGHT_DECAY_NORM=0.0)
+    model = _conv_bn()
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(model[0].weight)] == 0.05 and decay[id(model[1].weight)] == 0.0
+    assert all(g["lr"] == 1.0 for g in opt.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for b, g, p in zip(before, grads, model.parameters()):
+        # Adam's first step moves every weight by lr (times its sign), whatever the gradient's
+        # size; SGD would move it by lr * gradient. Decoupled decay adds lr * wd * weight.
+        expected = b * (1.0 - decay[id(p)]) - torch.sign(g)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=0)
+
+
+def test_adamw_with_full_model_clipping_clips_the_global_norm():
+    cfg = _solver_cfg(OPTIMIZER="ADAMW", BASE_LR=0.1, WEIGHT_DECAY=0.0, WEIGHT_DECAY_NORM=0.0)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    model = _conv_bn()
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    opt.step()
+    total = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
+    assert total == pytest.approx(0.5, rel=1e-4)
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match=r"SOLVER.OPTIMIZER must be one of \('SGD', 'ADAMW'\)"):
+        build_optimizer(_solver_cfg(OPTIMIZER="adam"), _conv_bn())
+
+
 def test_clip_full_model_gradients_rejects_bad_arguments():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="max_norm"):

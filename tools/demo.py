@@ -13,6 +13,14 @@ Writes ``OUTPUT/<image name>.png`` (predictions drawn with Detectron2's ``Visual
                     "category_name": str, "segmentation": {"size": [h, w], "counts": str}}],
      "sem_seg": {"file_name": "<image name>_sem_seg.png", "classes": {"<id>": "<name>", ...}}}
 
+``--grid FILE`` also writes all the drawn images tiled into one picture (``--grid-columns`` per
+row; ``--scale`` draws every image that many times larger, so labels stay readable on small
+images)::
+
+    python tools/demo.py --config-file configs/Shapes/mask_rcnn_rednet26_fpn.yaml \
+        --input "datasets/shapes/val/images/00000[0-7].png" --output demo_out --scale 3 \
+        --grid docs/shapes_predictions.png --opts MODEL.WEIGHTS output/.../model_final.pth
+
 ``instances`` is present for detectors (``segmentation``, COCO RLE, only for mask models);
 ``sem_seg`` for semantic segmentation: the per-pixel arg-max class index is stored as a
 single-channel PNG (8-bit, or 16-bit with more than 255 classes) next to the JSON, and ``classes``
@@ -56,6 +64,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="minimum score for instances to be kept (detectors)",
     )
     parser.add_argument(
+        "--scale", type=float, default=1.0, help="draw the pictures this many times larger"
+    )
+    parser.add_argument("--grid", metavar="FILE", help="also tile all pictures into this image")
+    parser.add_argument(
+        "--grid-columns", type=int, default=4, help="pictures per row of --grid (default 4)"
+    )
+    parser.add_argument(
         "--opts",
         default=[],
         nargs=argparse.REMAINDER,
@@ -70,6 +85,10 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
         raise ValueError(
             f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}"
         )
+    if not args.scale > 0:
+        raise ValueError(f"--scale must be positive, got {args.scale}")
+    if args.grid_columns < 1:
+        raise ValueError(f"--grid-columns must be >= 1, got {args.grid_columns}")
     cfg = get_cfg()
     add_involution_config(cfg)
     cfg.merge_from_file(args.config_file)
@@ -137,6 +156,21 @@ def save_sem_seg(sem_seg: torch.Tensor, path: str) -> np.ndarray:
     return labels
 
 
+def tile_images(images: Sequence[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
+    """HxWx3 uint8 images in rows of ``columns``, top-left aligned on white, ``gap`` pixels apart."""
+    if not images:
+        raise ValueError("tile_images: no images")
+    h = max(im.shape[0] for im in images)
+    w = max(im.shape[1] for im in images)
+    rows = (len(images) + columns - 1) // columns
+    cols = min(columns, len(images))
+    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        y, x = (i // columns) * (h + gap), (i % columns) * (w + gap)
+        grid[y : y + im.shape[0], x : x + im.shape[1]] = im
+    return grid
+
+
 def _unique_stem(path: str, used: Dict[str, int]) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     count = used.get(stem, 0)
@@ -153,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
     predictor = DefaultPredictor(cfg)
     records: List[Dict[str, Any]] = []
+    pictures: List[np.ndarray] = []
     used: Dict[str, int] = {}
     for path in paths:
         image = read_image(path, format="BGR")
@@ -168,7 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                 f"--config-file: the model returned {sorted(predictions)}; this demo draws "
                 "'instances' (detectors) and 'sem_seg' (semantic segmentation)"
             )
-        visualizer = Visualizer(image[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+        visualizer = Visualizer(
+            image[:, :, ::-1], metadata, scale=args.scale, instance_mode=ColorMode.IMAGE
+        )
         if "sem_seg" in predictions:
             seg_name = f"{stem}_sem_seg.png"
             labels = save_sem_seg(predictions["sem_seg"], os.path.join(args.output, seg_name))
@@ -187,6 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             )
             vis = visualizer.draw_instance_predictions(predictions["instances"].to("cpu"))
         vis.save(os.path.join(args.output, f"{stem}.png"))
+        if args.grid:
+            pictures.append(vis.get_image())
         records.append(record)
         found = [f"{len(record['instances'])} instances"] if "instances" in record else []
         if "sem_seg" in record:
@@ -194,6 +233,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         print(f"{path}: {', '.join(found)}", file=sys.stderr)
     with open(os.path.join(args.output, "predictions.json"), "w") as f:
         json.dump(records, f)
+    if args.grid:
+        Image.fromarray(tile_images(pictures, args.grid_columns)).save(args.grid)
     return records
 
 

@@ -27,6 +27,7 @@ from detectron2.utils.events import get_event_storage
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import compat
+from ..solver import build_optimizer
 from .data import ResumableTrainLoader, build_cls_test_loader, build_cls_train_loader
 
 __all__ = ["AccumulatingTrainer", "ClassificationTrainer", "evaluate_classifier"]
@@ -165,6 +166,10 @@ class ClassificationTrainer(DefaultTrainer):
     @property
     def train_loader(self) -> ResumableTrainLoader:
         return self._trainer.data_loader
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:

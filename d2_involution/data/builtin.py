@@ -36,9 +36,9 @@ __all__ = ["SHAPES_DEFAULTS", "shapes_split_params", "prepare_shapes_split", "re
 
 # Default generation parameters of the registered splits.
 SHAPES_DEFAULTS: Dict[str, int] = {
-    "train_images": 400,
-    "val_images": 50,
-    "image_size": 256,
+    "train_images": 2000,
+    "val_images": 100,
+    "image_size": 128,
     "seed": 0,
 }
 _ENV = {

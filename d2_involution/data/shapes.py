@@ -1,7 +1,8 @@
 """A deterministic synthetic "shapes" dataset: the built-in data that needs no download.
 
 Each scene is a textured, noisy background with a few filled shapes (circle, square, triangle,
-ellipse, star) of random size, rotation and colour; colours are not tied to classes. Shapes may
+ellipse, star) of random size, position and colour, upright up to a small random tilt; colours are
+not tied to classes. Shapes may
 overlap: every instance mask is the exact *visible* part of its shape after occlusion by the shapes
 painted above it, and a shape left with too little visible area is removed from the scene (it is
 neither drawn nor annotated). Masks are rasterised once and the same pixels are painted, so masks,
@@ -50,10 +51,23 @@ SEM_SEG_CLASSES: Tuple[str, ...] = ("background",) + SHAPE_CLASSES
 IGNORE_LABEL = 255
 MANIFEST = "manifest.json"
 # Bump when the rendering changes, so that cached copies made by older code are regenerated.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _SUBPIXEL_BITS = 4  # cv2.fillPoly "shift": vertices on a 1/16-pixel grid
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # noisy images barely compress further
+_NOISE_STD = 4.0  # pixel noise of every image, in grey levels
+# Nominal radii (fractions of the image side) in the classification images: the dominant shape
+# and the small shapes of other classes below it.
+_CLS_RADIUS = (0.22, 0.32)
+# Shapes stand upright, tilted by at most this angle. With any rotation, classes are far slower
+# to learn from scratch (docs/datasets.md, "How the shapes data was designed").
+_MAX_TILT_DEGREES = 20.0
+_MAX_TILT = float(np.deg2rad(_MAX_TILT_DEGREES))
+# Detection scenes: shapes drawn per image (before the mostly hidden ones are removed) and their
+# nominal radius as a fraction of the image side.
+_OBJECTS_PER_IMAGE = (3, 6)
+_SCENE_RADIUS = (0.1, 0.2)
+_CLS_DISTRACTOR_RADIUS = (0.08, 0.12)
 
 
 def datasets_root() -> str:
@@ -102,6 +116,15 @@ def _shape_outline(kind: str, cx: float, cy: float, r: float, angle: float) -> n
     return pts @ rot.T + np.array([cx, cy])
 
 
+def _placed_outline(rng: np.random.Generator, kind: str, r: float, size: int) -> np.ndarray:
+    """The outline of a shape, upright up to a random tilt, at a random position where it lies
+    wholly inside the image (centred when it is larger than the image)."""
+    pts = _shape_outline(kind, 0.0, 0.0, r, rng.uniform(-_MAX_TILT, _MAX_TILT))
+    low, high = -pts.min(axis=0), size - 1.0 - pts.max(axis=0)
+    centre = rng.uniform(low, high) if np.all(low <= high) else np.full(2, size / 2.0)
+    return pts + centre
+
+
 def _rasterise(outline: np.ndarray, size: int) -> np.ndarray:
     mask = np.zeros((size, size), dtype=np.uint8)
     pts = np.round(outline * (1 << _SUBPIXEL_BITS)).astype(np.int32)
@@ -110,17 +133,22 @@ def _rasterise(outline: np.ndarray, size: int) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth random colour field plus one of: stripes, checks, blotches (float32 HxWx3)."""
+    """A smooth random colour field plus one faint texture: stripes, checks or blotches.
+
+    The texture's period scales with the image (6-15% of its side) and its amplitude (4-10 grey
+    levels) stays well under the contrast of the shapes, so it is clutter, not a second set of
+    edges that look like shapes. Returns float32 HxWx3.
+    """
     base = rng.uniform(50.0, 205.0, size=3)
     cells = int(rng.integers(3, 8))
     low = rng.normal(0.0, 1.0, size=(cells, cells, 3)).astype(np.float32)
-    low = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC) * rng.uniform(10.0, 25.0)
+    low = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC) * rng.uniform(8.0, 20.0)
     img = base.astype(np.float32)[None, None, :] + low
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     texture = int(rng.integers(0, 3))
-    amplitude = rng.uniform(6.0, 16.0)
+    amplitude = rng.uniform(4.0, 10.0)
     theta = rng.uniform(0.0, np.pi)
-    period = rng.uniform(6.0, 20.0)
+    period = rng.uniform(0.06, 0.15) * size
     u = xx * np.cos(theta) + yy * np.sin(theta)
     if texture == 0:
         pattern = np.sin(2.0 * np.pi * u / period)
@@ -128,7 +156,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         v = -xx * np.sin(theta) + yy * np.cos(theta)
         pattern = np.sign(np.sin(np.pi * u / period) * np.sin(np.pi * v / period))
     else:
-        blotch = rng.normal(0.0, 1.0, size=(size // 8, size // 8)).astype(np.float32)
+        cells = max(2, size // 16)
+        blotch = rng.normal(0.0, 1.0, size=(cells, cells)).astype(np.float32)
         pattern = cv2.resize(blotch, (size, size), interpolation=cv2.INTER_LINEAR)
     tint = rng.uniform(0.5, 1.0, size=3).astype(np.float32)
     return img + (amplitude * pattern)[:, :, None] * tint[None, None, :]
@@ -151,13 +180,13 @@ def _pick_colour(
 
 def render_shapes_scene(
     rng: np.random.Generator,
-    image_size: int = 256,
+    image_size: int = 128,
     num_objects: int = 3,
-    radius_range: Tuple[float, float] = (0.08, 0.2),
+    radius_range: Tuple[float, float] = _SCENE_RADIUS,
     classes: Optional[Sequence[int]] = None,
-    min_visible_fraction: float = 0.5,
+    min_visible_fraction: float = 0.6,
     min_visible_area: Optional[int] = None,
-    noise_std: float = 6.0,
+    noise_std: float = _NOISE_STD,
 ) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
     """Draw one scene; returns (RGB uint8 image (S, S, 3), [(class index, visible bool mask)]).
 
@@ -183,9 +212,7 @@ def render_shapes_scene(
     shapes = []
     for i in range(num_objects):
         cls = int(classes[i]) if classes is not None else int(rng.integers(len(SHAPE_CLASSES)))
-        r = rng.uniform(lo, hi) * size
-        cx, cy = rng.uniform(0.7 * r, size - 0.7 * r, size=2)
-        outline = _shape_outline(SHAPE_CLASSES[cls], cx, cy, r, rng.uniform(0.0, 2.0 * np.pi))
+        outline = _placed_outline(rng, SHAPE_CLASSES[cls], rng.uniform(lo, hi) * size, size)
         shapes.append((cls, _rasterise(outline, size)))
 
     # Top to bottom: a shape's visible part is what no kept shape above it covers.
@@ -312,22 +339,23 @@ def _detection_manifest(split: str, num_images: int, image_size: int, seed: int)
         "image_size": image_size,
         "seed": seed,
         "classes": list(SHAPE_CLASSES),
-        "objects_per_image": [2, 5],
-        "radius_range": [0.08, 0.2],
+        "objects_per_image": list(_OBJECTS_PER_IMAGE),
+        "radius_range": list(_SCENE_RADIUS),
+        "max_tilt_degrees": _MAX_TILT_DEGREES,
     }
 
 
 def generate_shapes_split(
     root: Optional[str] = None,
     split: str = "train",
-    num_images: int = 400,
-    image_size: int = 256,
+    num_images: int = 2000,
+    image_size: int = 128,
     seed: int = 0,
 ) -> str:
     """Generate (once) the detection + semantic split ``<root>/<split>``; returns its path.
 
-    ``root`` defaults to ``$DETECTRON2_DATASETS/shapes``. Each image holds 2-5 shapes (before
-    removal of the mostly hidden ones) of nominal radius 8-20% of ``image_size``.
+    ``root`` defaults to ``$DETECTRON2_DATASETS/shapes``. Each image holds 3-6 shapes (before
+    removal of the mostly hidden ones) of nominal radius 10-20% of ``image_size``.
     """
     if not isinstance(split, str) or not split or "/" in split or split.startswith("."):
         raise ValueError(f"split must be a plain folder name like 'train', got {split!r}")
@@ -345,7 +373,7 @@ def generate_shapes_split(
             rng = _rng(seed, split, index)
             instances: list = []
             while not instances:  # at least one object per image (re-draws are very rare)
-                num_objects = int(rng.integers(2, 6))
+                num_objects = int(rng.integers(_OBJECTS_PER_IMAGE[0], _OBJECTS_PER_IMAGE[1] + 1))
                 image, instances = render_shapes_scene(rng, image_size, num_objects)
             name = f"{index:06d}.png"
             _write_png(out / "images" / name, image)
@@ -390,16 +418,16 @@ def generate_shapes_split(
 
 def generate_shapes_classification(
     root: Optional[str] = None,
-    num_train_per_class: int = 100,
-    num_val_per_class: int = 20,
-    image_size: int = 64,
+    num_train_per_class: int = 1000,
+    num_val_per_class: int = 100,
+    image_size: int = 48,
     seed: int = 0,
     max_distractors: int = 1,
 ) -> str:
     """Generate (once) an ImageNet-style folder ``root/{train,val}/<class>/*.png``; returns root.
 
-    Each image shows one dominant shape of its class (nominal radius 28-40% of the image, near the
-    centre) above up to ``max_distractors`` small shapes of other classes (radius 6-10%).
+    Each image shows one dominant shape of its class (nominal radius 22-32% of the image, wholly
+    inside it) above up to ``max_distractors`` small shapes of other classes (radius 8-12%).
     ``root`` defaults to ``$DETECTRON2_DATASETS/shapes/classification``.
     """
     num_train_per_class = _check_int("num_train_per_class", num_train_per_class, 1)
@@ -438,24 +466,16 @@ def generate_shapes_classification(
 def _classification_image(
     rng: np.random.Generator, cls: int, size: int, max_distractors: int
 ) -> np.ndarray:
-    """One dominant shape of class ``cls`` near the centre, above small distractors."""
+    """One dominant shape of class ``cls``, wholly inside the image, above small distractors."""
     others = [k for k in range(len(SHAPE_CLASSES)) if k != cls]
     n = int(rng.integers(0, max_distractors + 1))
     distractors = [int(k) for k in rng.choice(others, size=n)] if n else []
     image = _background(rng, size)
     colours: List[np.ndarray] = []
-    for k in distractors:
-        r = rng.uniform(0.06, 0.1) * size
-        cx, cy = rng.uniform(r, size - r, size=2)
-        mask = _rasterise(
-            _shape_outline(SHAPE_CLASSES[k], cx, cy, r, rng.uniform(0, 2 * np.pi)), size
-        )
+    layers = [(k, _CLS_DISTRACTOR_RADIUS) for k in distractors] + [(cls, _CLS_RADIUS)]
+    for k, (lo, hi) in layers:
+        outline = _placed_outline(rng, SHAPE_CLASSES[k], rng.uniform(lo, hi) * size, size)
+        mask = _rasterise(outline, size)
         if mask.any():
             _fill(rng, image, mask, colours)
-    r = rng.uniform(0.28, 0.4) * size
-    cx, cy = size / 2 + rng.uniform(-0.1, 0.1, size=2) * size
-    mask = _rasterise(
-        _shape_outline(SHAPE_CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * np.pi)), size
-    )
-    _fill(rng, image, mask, colours)
-    return _finish(rng, image, 6.0)
+    return _finish(rng, image, _NOISE_STD)
