@@ -12,7 +12,7 @@ from ..common.train import lr_multiplier, optimizer, train
 model.backbone.bottom_up.update(depth=26, norm="BN", freeze_at=0)
 model.backbone.out_channels = 128
 model.proposal_generator.head.in_channels = 128
-model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]  # 15-40 px
+model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]  # shapes 25-65 px
 model.proposal_generator.update(
     batch_size_per_image=128, pre_nms_topk=(1000, 500), post_nms_topk=(300, 100)
 )
@@ -25,18 +25,18 @@ model.roi_heads.box_predictor.input_shape.channels = 256
 model.roi_heads.box_predictor.test_topk_per_image = 20
 
 dataloader.train.dataset.names = "shapes_train"
-dataloader.train.mapper.augmentations[0].update(short_edge_length=(96,), max_size=96)
+dataloader.train.mapper.augmentations[0].update(short_edge_length=(128,), max_size=128)
 dataloader.train.update(total_batch_size=4, num_workers=0)
 dataloader.test.dataset.names = "shapes_val"
-dataloader.test.mapper.augmentations[0].update(short_edge_length=96, max_size=96)
+dataloader.test.mapper.augmentations[0].update(short_edge_length=128, max_size=128)
 dataloader.test.num_workers = 0
 
 # LR 0.02 diverged in one of two runs from scratch at 4 images: 0.01 and whole-model clipping.
 optimizer.update(lr=0.01)
 optimizer.params.weight_decay_norm = 0.0
 optimizer = L(clip_full_model_gradients)(optimizer=optimizer, max_norm=5.0)
-lr_multiplier.scheduler.update(values=[1.0, 0.1], milestones=[250], num_updates=300)
-lr_multiplier.warmup_length = 30 / 300
-train.update(init_checkpoint="", max_iter=300, device="cpu", seed=42)
+lr_multiplier.scheduler.update(values=[1.0, 0.1], milestones=[650], num_updates=800)
+lr_multiplier.warmup_length = 30 / 800
+train.update(init_checkpoint="", max_iter=800, eval_period=200, device="cpu", seed=42)
 train.output_dir = "output/shapes-lazyconfig/faster_rcnn_rednet26_fpn"
 train.checkpointer.period = 100000

@@ -15,20 +15,20 @@ for _level in ("p2", "p3", "p4", "p5"):
     model.sem_seg_head.input_shape[_level].channels = 128
 model.sem_seg_head.update(num_classes=6, conv_dims=64, norm="BN")
 
-# Random scale 0.375-0.56 of the 256 px images, then 96x96 crops; test at 96.
+# Random scale 1-1.25 of the 128 px images, then 128x128 crops; test at 128.
 dataloader.train.dataset.names = "shapes_sem_seg_train"
-dataloader.train.mapper.augmentations[0].update(short_edge_length=(96, 112, 128, 144), max_size=144)
-dataloader.train.mapper.augmentations[1].update(crop_size=(96, 96), single_category_max_area=0.9)
+dataloader.train.mapper.augmentations[0].update(short_edge_length=(128, 144, 160), max_size=160)
+dataloader.train.mapper.augmentations[1].update(crop_size=(128, 128), single_category_max_area=0.9)
 dataloader.train.update(total_batch_size=4, num_workers=0)
 dataloader.test.dataset.names = "shapes_sem_seg_val"
-dataloader.test.mapper.augmentations[0].update(short_edge_length=96, max_size=96)
+dataloader.test.mapper.augmentations[0].update(short_edge_length=128, max_size=128)
 dataloader.test.num_workers = 0
 
 optimizer.update(lr=0.02, weight_decay=1e-4)
 optimizer.params.weight_decay_norm = 0.0
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=lr_multiplier, warmup_factor=0.001, warmup_length=20 / 300
+    scheduler=lr_multiplier, warmup_factor=0.001, warmup_length=20 / 800
 )
-train.update(init_checkpoint="", max_iter=300, eval_period=0, device="cpu", seed=42)
+train.update(init_checkpoint="", max_iter=800, eval_period=200, device="cpu", seed=42)
 train.output_dir = "output/shapes-lazyconfig/semantic_fpn_rednet26_fpn"
 train.checkpointer.period = 100000
