@@ -13,12 +13,9 @@ crop/flip augmentation, and ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR`` selects t
 import d2_involution  # isort: skip  # noqa: F401  (first: detectron2 compat + registrations)
 import logging
 import os
-import random
 from typing import Any, Dict, List, Optional
 
 import detectron2.utils.comm as comm
-import numpy as np
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog
@@ -45,6 +42,8 @@ from d2_involution.data.loaders import (
     ResumableTrainLoader,
     build_resumable_train_loader,
     build_skipping_test_loader,
+    global_rng_state,
+    set_global_rng_state,
 )
 from d2_involution.solver import build_lr_scheduler, build_optimizer
 
@@ -120,31 +119,6 @@ def build_sem_seg_train_aug(cfg: CfgNode) -> List[T.Augmentation]:
     return augs
 
 
-def rng_state() -> Dict[str, Any]:
-    """The global random states a training step draws from (torch CPU/CUDA, numpy, random), as
-    tensors and plain values, which ``torch.load(weights_only=True)`` reads back."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "random": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["random"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class SkippedImagesHook(HookBase):
     """Puts the training loader's count of unreadable images into the EventStorage
     (``skipped_images``, hence metrics.json and TensorBoard) and logs the total at the end."""
@@ -210,14 +184,14 @@ class Trainer(DefaultTrainer):
     def state_dict(self) -> Dict[str, Any]:
         ret = super().state_dict()
         ret["train_loader"] = self.train_loader.state_dict()
-        ret["rng"] = rng_state()
+        ret["rng"] = global_rng_state()
         return ret
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         if "train_loader" in state_dict:
             self.train_loader.load_state_dict(state_dict["train_loader"])
-            set_rng_state(state_dict["rng"])
+            set_global_rng_state(state_dict["rng"])
         else:
             logger.warning("Checkpoint has no data-loader state: the resumed data order differs")
 

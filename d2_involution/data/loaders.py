@@ -42,6 +42,8 @@ __all__ = [
     "SkippingTestLoader",
     "build_resumable_train_loader",
     "build_skipping_test_loader",
+    "global_rng_state",
+    "set_global_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,31 @@ def _seeded_rngs(seed: int) -> Iterator[None]:
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
+
+
+def global_rng_state() -> Dict[str, Any]:
+    """The global random states a training step draws from (torch CPU/CUDA, numpy, random), as
+    tensors and plain values, which ``torch.load(weights_only=True)`` reads back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "random": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`global_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def position_seed(seed: int, position: int) -> int:
