@@ -270,7 +270,7 @@ def test_fused_layer_pure_pytorch_trace_has_no_custom_op():
     torch.testing.assert_close(traced(x), m(x))
 
 
-@pytest.mark.parametrize("channels,fuses", [(64, True), (128, True), (256, False)])
+@pytest.mark.parametrize("channels,fuses", [(32, True), (64, True), (128, False), (256, False)])
 def test_fused_default_where_measured_faster(channels, fuses, monkeypatch):
     """fused=None fuses up to FUSE_MAX_CHANNELS channels on CPU; fused=False never does."""
     import d2_involution.layers.involution as layer_module

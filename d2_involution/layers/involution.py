@@ -55,7 +55,7 @@ class Involution(nn.Module):
     (``ops.involution_fused`` with conv2's weight and bias), so that they are never stored in a
     tensor; the backward regenerates them. The parameters are the same (``conv2.conv.weight`` /
     ``bias``), so checkpoints do not change. ``None`` (default) fuses where it was measured to be
-    faster (:func:`fuse_by_default`: on the CPU up to 128 channels; never on CUDA until a fused
+    faster (:func:`fuse_by_default`: on the CPU up to 64 channels; never on CUDA until a fused
     CUDA kernel exists and is measured); ``False`` always runs the unfused path (for checking).
     """
 
@@ -155,9 +155,10 @@ class Involution(nn.Module):
 #: ``fused=None`` fuses, on a device type with a fused kernel, up to this many channels. CPU: the
 #: fused kernel regenerates the weights with its own small matrix products (K*K*G x C/4 per pixel,
 #: growing as C^2), which beat the unfused 1x1 convolution plus the weight tensor's memory traffic
-#: at 64 channels and tie at 128, but lose from 256 channels on (docs/benchmarks.md,
-#: tools/benchmark_involution.py --layer). No CUDA entry until a fused CUDA kernel is measured.
-FUSE_MAX_CHANNELS = {"cpu": 128}
+#: at 64 channels (RedNet's res2) but lose at 128 (0.85-0.90x forward+backward in NCHW) and more
+#: from 256 on (docs/benchmarks.md, tools/benchmark_involution.py --layer, 2026-12-02). No CUDA
+#: entry until a fused CUDA kernel is measured.
+FUSE_MAX_CHANNELS = {"cpu": 64}
 
 
 def fuse_by_default(channels: int, device: Union[str, torch.device] = "cpu") -> bool:
