@@ -18,6 +18,7 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             n = m.running_var.numel()
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.weight.copy_(torch.rand(n, generator=g) * 0.4 + 0.2)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            if m.weight is not None:  # affine=False: e.g. the per-level BNs of a RetinaNet head
+                m.weight.copy_(torch.rand(n, generator=g) * 0.4 + 0.2)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
     return model
