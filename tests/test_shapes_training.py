@@ -1,6 +1,6 @@
 """End-to-end: configs/Shapes/ models train with train_net.py's Trainer on CPU and learn.
 
-CI budget: the configs' full schedules take 10-20 min each on 2 cores (docs/training.md). Here:
+CI budget: the configs' full schedules take 7-15 min each on one core (docs/training.md). Here:
 
 * the main job (Faster R-CNN, conv FPN) trains a shortened schedule, is re-evaluated with
   ``--eval-only`` on the saved checkpoint and runs through tools/demo.py. Its box AP50 must be far
@@ -104,8 +104,8 @@ def _box_ap50(ground_truth: COCO, detections: List[dict]) -> float:
 
 def test_beats_class_blind_detector(trained):
     """Finding the shapes is not enough: the classes must be right. The class-blind detector keeps
-    the trained model's boxes and scores and predicts every class for each box (the best AP a
-    detector can get without telling the classes apart, given these boxes)."""
+    the trained model's boxes and scores and predicts every class for each box: what these boxes
+    score when the classes are not told apart."""
     config, out, results = trained
     predictions = torch.load(out / "inference" / "instances_predictions.pth", weights_only=False)
     metadata = MetadataCatalog.get("shapes_val")  # json_file: set by the first COCOEvaluator
