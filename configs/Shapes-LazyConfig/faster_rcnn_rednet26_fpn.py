@@ -12,7 +12,8 @@ from ..common.train import lr_multiplier, optimizer, train
 model.backbone.bottom_up.update(depth=26, norm="BN", freeze_at=0)
 model.backbone.out_channels = 128
 model.proposal_generator.head.in_channels = 128
-model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]  # shapes 25-65 px
+# One anchor size per level; the shapes are 25-65 px.
+model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
 model.proposal_generator.update(
     batch_size_per_image=128, pre_nms_topk=(1000, 500), post_nms_topk=(300, 100)
 )

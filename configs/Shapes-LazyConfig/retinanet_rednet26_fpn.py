@@ -16,8 +16,8 @@ model.anchor_generator.sizes = [
 ]
 model.update(num_classes=5, test_topk_candidates=200, max_detections_per_image=20)
 
-# 4x the linear-scaled 0.0025 (see the YAML); whole-model clipping at the official 40.
-optimizer.optimizer.lr = 0.01
+# 6x the linear-scaled 0.0025 (see the YAML); whole-model clipping at the official 40.
+optimizer.optimizer.lr = 0.015
 optimizer.max_norm = 40.0
 # 1400 iterations, the LR step at 1150, val every 350 (see the YAML).
 lr_multiplier.scheduler.update(milestones=[1150], num_updates=1400)
