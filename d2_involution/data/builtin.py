@@ -13,8 +13,9 @@ The split is generated into ``$DETECTRON2_DATASETS/shapes/<split>`` (default ./d
 time its dataset dicts, or its metadata ``json_file``/``image_root``/``sem_seg_root``, are asked
 for, so ``COCOEvaluator``/``SemSegEvaluator`` can be built before anything touched the data.
 Sizes come from the environment at that moment (defaults in brackets):
-``D2INV_SHAPES_TRAIN_IMAGES`` [400], ``D2INV_SHAPES_VAL_IMAGES`` [50],
-``D2INV_SHAPES_IMAGE_SIZE`` [256], ``D2INV_SHAPES_SEED`` [0]. Changed values regenerate the split.
+``D2INV_SHAPES_TRAIN_IMAGES`` [2000], ``D2INV_SHAPES_VAL_IMAGES`` [100],
+``D2INV_SHAPES_IMAGE_SIZE`` [128], ``D2INV_SHAPES_SEED`` [0] (``SHAPES_DEFAULTS``). Changed values
+regenerate the split.
 """
 
 import os
