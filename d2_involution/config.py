@@ -20,6 +20,10 @@ def _add_involution_keys(cfg: CN) -> None:
     cfg.MODEL.INVOLUTION.GROUP_CHANNELS = 16
     # The kernel generator reduces C to C // REDUCTION_RATIO channels before expanding to K*K*G.
     cfg.MODEL.INVOLUTION.REDUCTION_RATIO = 4
+    # How the kernel generators start: "official" (the official RedNets' fill) or "static" (each
+    # involution starts as a group-shared KxK conv plus a small position-specific part; learns far
+    # faster from scratch, docs/training.md). Only matters for weights not loaded from a file.
+    cfg.MODEL.INVOLUTION.GENERATOR_INIT = "official"
 
 
 def _add_rednet_keys(cfg: CN) -> None:

@@ -20,6 +20,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from d2_involution import add_involution_config
+from d2_involution.layers import Involution
 from d2_involution.modeling import RedNetStem
 from d2_involution.solver import (
     PolyParamScheduler,
@@ -386,3 +387,25 @@ def test_sem_seg_train_augmentation_crops_and_keeps_labels_aligned():
         # Nearest-neighbour labels follow the image: where the label is 2 the red channel is 200.
         inside = inp.sem_seg == 2
         assert np.all(np.abs(inp.image[..., 0][inside].astype(int) - 200) <= 60)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        "Shapes/mask_rcnn_rednet26_involution_fpn_head.yaml",
+        "Shapes/retinanet_rednet26_involution_fpn.yaml",
+        "Shapes/semantic_fpn_rednet26_involution_fpn.yaml",
+        "Shapes/upernet_rednet26.yaml",
+    ],
+)
+def test_generator_init_reaches_every_involution(config):
+    """MODEL.INVOLUTION.GENERATOR_INIT reaches the backbone's, the neck's and the heads'
+    involutions: the official fill leaves every kernel generator's bias at 0, "static" none."""
+    for mode in ("official", "static"):
+        cfg = load_cfg(config, "MODEL.INVOLUTION.GENERATOR_INIT", mode, "MODEL.WEIGHTS", "")
+        involutions = [m for m in build_model(cfg).modules() if isinstance(m, Involution)]
+        zero_bias = [bool((m.conv2.conv.bias == 0).all()) for m in involutions]
+        assert len(involutions) >= 9, config
+        assert all(zero_bias) if mode == "official" else not any(zero_bias), mode
+    with pytest.raises(ValueError, match="generator_init must be one of"):
+        build_model(load_cfg(config, "MODEL.INVOLUTION.GENERATOR_INIT", "zeros"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import official_reference  # tests/ is on sys.path under pytest  # isort: skip
 
 import d2_involution  # noqa: F401  # isort: skip
-from d2_involution.layers import Involution
+from d2_involution.layers import Involution, init_kernel_generators
 from d2_involution.ops.flops import add_involution_flop_handles
 
 REFERENCE = Path(official_reference.KEYS_JSON or "official_rednet_keys.json")
@@ -292,3 +292,34 @@ def test_fused_default_where_measured_faster(channels, fuses, monkeypatch):
 def test_fused_argument_checked():
     with pytest.raises(ValueError, match="fused must be None, True or False, got 'yes'"):
         Involution(32, 3, fused="yes")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_start_static_begins_as_a_group_shared_convolution(stride):
+    """With no position-specific part the generated kernel is conv2's bias everywhere: the layer is
+    a convolution whose K x K kernel is shared by the channels of a group."""
+    torch.manual_seed(0)
+    layer = Involution(32, kernel_size=5, stride=stride, group_channels=8).eval()
+    layer.start_static(dynamic_scale=0.0)
+    x = torch.randn(2, 32, 11, 13)
+    kernel = layer.conv2.conv.bias.view(4, 1, 5, 5).repeat_interleave(8, dim=0)
+    expected = F.conv2d(x, kernel, stride=stride, padding=2, groups=32)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_init_kernel_generators_by_name():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Involution(16, 3, group_channels=8), Involution(16, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    init_kernel_generators(model, "official")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    init_kernel_generators(model, "static")
+    for i, layer in enumerate(model):
+        weight = layer.conv2.conv.weight
+        torch.testing.assert_close(weight, 0.1 * before[f"{i}.conv2.conv.weight"])
+        assert not torch.equal(layer.conv2.conv.bias, before[f"{i}.conv2.conv.bias"])
+        assert torch.equal(layer.conv1.conv.weight, before[f"{i}.conv1.conv.weight"])
+    with pytest.raises(ValueError, match="generator_init must be one of"):
+        init_kernel_generators(model, "zeros")
+    with pytest.raises(ValueError, match="dynamic_scale"):
+        model[0].start_static(dynamic_scale=2.0)

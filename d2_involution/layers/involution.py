@@ -126,6 +126,24 @@ class Involution(nn.Module):
         weight = weight.view(N, self.groups, K, K, Ho, Wo)
         return involution(x, weight, stride=self.stride, dilation=self.dilation)
 
+    def start_static(self, dynamic_scale: float = 0.1) -> None:
+        """Re-initialise the kernel generator so the involution starts as a group-shared conv.
+
+        conv2's bias (the part of every generated kernel that does not depend on the position)
+        becomes a random K x K kernel per group (Kaiming normal, fan-in K*K) and its weight (the
+        position-specific part) is scaled by ``dynamic_scale``. With the official init (bias 0)
+        each pixel starts with its own random kernel and nothing shared, which from scratch
+        learns far more slowly (docs/training.md, "Kernel-generator init"). The parameters and
+        their shapes are unchanged.
+        """
+        if not 0.0 <= dynamic_scale <= 1.0:
+            raise ValueError(f"Involution: dynamic_scale must be in [0, 1], got {dynamic_scale}")
+        conv = self.conv2.conv
+        K = self.kernel_size
+        with torch.no_grad():
+            conv.weight.mul_(dynamic_scale)
+            nn.init.normal_(conv.bias, std=(2.0 / (K * K)) ** 0.5)
+
     def _fuse(self, x: torch.Tensor) -> bool:
         if self.fused is not None:
             return self.fused
@@ -150,6 +168,23 @@ class Involution(nn.Module):
             f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"dilation={self.dilation}, groups={self.groups}, fused={self.fused}"
         )
+
+
+#: How the kernel generators of a model start (``MODEL.INVOLUTION.GENERATOR_INIT``): "official"
+#: keeps the builders' fill (the official RedNets' init); "static" then applies
+#: :meth:`Involution.start_static` to every involution.
+GENERATOR_INITS = ("official", "static")
+
+
+def init_kernel_generators(module: nn.Module, generator_init: str) -> None:
+    """Apply ``generator_init`` (one of :data:`GENERATOR_INITS`) to every involution of ``module``;
+    call it after the module's own weight fill."""
+    if generator_init not in GENERATOR_INITS:
+        raise ValueError(f"generator_init must be one of {GENERATOR_INITS}, got {generator_init!r}")
+    if generator_init == "static":
+        for m in module.modules():
+            if isinstance(m, Involution):
+                m.start_static()
 
 
 #: ``fused=None`` fuses, on a device type with a fused kernel, up to this many channels. CPU: the

@@ -22,7 +22,7 @@ from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from torch import nn
 
-from ..layers import Involution
+from ..layers import Involution, init_kernel_generators
 from .involution_blocks import involution_args
 from .rednet import build_rednet_backbone
 
@@ -55,12 +55,14 @@ def use_involution_outputs(
     group_channels: int = 16,
     reduction_ratio: int = 4,
     norm: str = "BN",
+    generator_init: str = "official",
 ) -> FPN:
     """Replace every output conv ``fpn_output{s}`` of ``fpn`` by ``Involution(C, K, 1)``, in place.
 
     The involution keeps the name, so ``FPN.forward`` calls it where it called the conv; ``norm``
     is the norm inside its kernel generator (BN in the official neck). Its convs get the Xavier
-    fill that Detectron2's FPN gives its own. Returns ``fpn``.
+    fill that Detectron2's FPN gives its own, then ``generator_init``
+    (:func:`~d2_involution.layers.init_kernel_generators`). Returns ``fpn``.
     """
     names = {id(module): name for name, module in fpn.named_children()}
     for idx, conv in enumerate(fpn.output_convs):
@@ -75,6 +77,7 @@ def use_involution_outputs(
         for module in block.modules():
             if isinstance(module, nn.Conv2d):
                 weight_init.c2_xavier_fill(module)
+        init_kernel_generators(block, generator_init)
         setattr(fpn, names[id(conv)], block)
         fpn.output_convs[idx] = block
     return fpn

@@ -5,28 +5,30 @@ The heads (:mod:`.rpn_head`, :mod:`.mask_head`) replace a Detectron2 3x3 conv + 
 """
 
 from collections import OrderedDict
-from typing import Dict
+from typing import Dict, Union
 
 import fvcore.nn.weight_init as weight_init
 from detectron2.config import CfgNode
 from torch import nn
 
-from ..layers import Involution, get_norm_layer
+from ..layers import Involution, get_norm_layer, init_kernel_generators
 
 __all__ = ["involution_args", "involution_relu"]
 
 
-def involution_args(cfg: CfgNode) -> Dict[str, int]:
+def involution_args(cfg: CfgNode) -> Dict[str, Union[int, str]]:
     """``Involution`` keyword arguments from ``MODEL.INVOLUTION``, for every builder.
 
-    Returns ``kernel_size``, ``group_channels`` and ``reduction_ratio``; the kernel generator's
-    norm is configured per place (``MODEL.REDNET.NORM``, ``MODEL.FPN.INVOLUTION_NORM``, ...).
+    Returns ``kernel_size``, ``group_channels``, ``reduction_ratio`` and ``generator_init``; the
+    kernel generator's norm is configured per place (``MODEL.REDNET.NORM``,
+    ``MODEL.FPN.INVOLUTION_NORM``, ...).
     """
     inv = cfg.MODEL.INVOLUTION
     return {
         "kernel_size": inv.KERNEL_SIZE,
         "group_channels": inv.GROUP_CHANNELS,
         "reduction_ratio": inv.REDUCTION_RATIO,
+        "generator_init": inv.GENERATOR_INIT,
     }
 
 
@@ -38,11 +40,13 @@ def involution_relu(
     reduction_ratio: int = 4,
     generator_norm: str = "BN",
     out_norm: str = "",
+    generator_init: str = "official",
 ) -> nn.Sequential:
     """``Involution(C, K, 1)`` [+ ``out_norm``] + ReLU, named ``involution``, ``norm``, ``relu``.
 
     ``generator_norm`` is the norm inside the kernel generator; the convs are initialised as mmcv's
-    ``ConvModule`` (and Detectron2's heads) do, with MSRA fill.
+    ``ConvModule`` (and Detectron2's heads) do, with MSRA fill, then as ``generator_init`` says
+    (:func:`~d2_involution.layers.init_kernel_generators`).
     """
     layers = OrderedDict()
     layers["involution"] = Involution(
@@ -61,4 +65,5 @@ def involution_relu(
     for module in block.modules():
         if isinstance(module, nn.Conv2d):
             weight_init.c2_msra_fill(module)
+    init_kernel_generators(block, generator_init)
     return block

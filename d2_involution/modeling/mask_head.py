@@ -36,6 +36,7 @@ class InvolutionMaskHead(MaskRCNNConvUpsampleHead):
         group_channels: int = 16,
         reduction_ratio: int = 4,
         involution_norm: str = "BN",
+        generator_init: str = "official",
         **kwargs,
     ):
         channels = input_shape.channels
@@ -56,6 +57,7 @@ class InvolutionMaskHead(MaskRCNNConvUpsampleHead):
                 reduction_ratio=reduction_ratio,
                 generator_norm=involution_norm,
                 out_norm=conv_norm,
+                generator_init=generator_init,
             )
             setattr(self, f"mask_fcn{k}", block)
             self.conv_norm_relus[k - 1] = block

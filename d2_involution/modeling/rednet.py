@@ -45,7 +45,7 @@ from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import ConvNormAct, Involution, get_norm_layer
+from ..layers import ConvNormAct, Involution, get_norm_layer, init_kernel_generators
 from .involution_blocks import involution_args
 
 __all__ = [
@@ -272,13 +272,15 @@ def build_rednet(
     stem_out_channels: int = 64,
     res2_out_channels: int = 256,
     in_channels: int = 3,
+    generator_init: str = "official",
 ) -> ResNet:
     """RedNet-``depth``: Detectron2's ``ResNet`` of a :class:`RedNetStem` and RedNet stages.
 
     Called with arguments, or as ``build_rednet(cfg[, input_shape], **overrides)`` (Detectron2's
     ``@configurable``). ``stem_involution_kernel`` is 3 for the ImageNet classifiers and 7 for the
     official detection/segmentation backbones; ``res5_dilation`` 2 keeps res5 at stride 16.
-    Stages deeper than the deepest of ``out_features`` are not built.
+    Stages deeper than the deepest of ``out_features`` are not built. ``generator_init``:
+    :func:`~d2_involution.layers.init_kernel_generators` after the official fill.
     """
     _check_rednet_args(
         depth, norm, out_features, freeze_at, res5_dilation, (stem_out_channels, res2_out_channels)
@@ -297,7 +299,9 @@ def build_rednet(
         zero_init_residual=zero_init_residual,
         **shared,
     )
-    return ResNet(stem, stages, out_features=list(out_features)).freeze(freeze_at)
+    rednet = ResNet(stem, stages, out_features=list(out_features))
+    init_kernel_generators(rednet, generator_init)
+    return rednet.freeze(freeze_at)
 
 
 @BACKBONE_REGISTRY.register()

@@ -33,6 +33,7 @@ class InvolutionRPNHead(StandardRPNHead):
         group_channels: int = 16,
         reduction_ratio: int = 4,
         involution_norm: str = "BN",
+        generator_init: str = "official",
     ):
         bad = [d for d in conv_dims if d not in (-1, in_channels)]
         if len(conv_dims) < 1 or bad:
@@ -48,6 +49,7 @@ class InvolutionRPNHead(StandardRPNHead):
                 group_channels=group_channels,
                 reduction_ratio=reduction_ratio,
                 generator_norm=involution_norm,
+                generator_init=generator_init,
             )
             for _ in conv_dims
         ]
