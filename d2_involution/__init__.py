@@ -22,7 +22,7 @@ except ModuleNotFoundError as e:
 else:
     _MISSING_DETECTRON2 = None
     from . import compat  # noqa: F401  (first: fixes the detectron2 v0.6 fallback before any use)
-    from . import data, modeling  # noqa: F401  (registrations)
+    from . import classification, data, modeling  # noqa: F401  (registrations)
     from .config import add_involution_config
 
     __all__ = ["add_involution_config"]

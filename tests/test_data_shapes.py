@@ -120,7 +120,7 @@ def test_concurrent_generation_happens_once(tmp_path, monkeypatch):
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "mine.txt").write_text("user data")
-    with pytest.raises(ValueError, match="not written by the shapes generator"):
+    with pytest.raises(ValueError, match="not written by d2_involution"):
         generate_shapes_split(str(tmp_path), "train", num_images=1, image_size=64)
     assert (tmp_path / "train" / "mine.txt").read_text() == "user data"
 

@@ -23,12 +23,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2_involution.checkpoint import backbone_state_dict, export_backbone
-from d2_involution.classification import (
-    ClassificationTrainer,
-    get_cls_cfg,
-    scale_solver_to_actual_batch,
-)
-from d2_involution.classification.data import count_train_images_and_classes, resolve_dataset_root
+from d2_involution.classification import ClassificationTrainer, get_cls_cfg
+from d2_involution.classification.data import resolve_classes_and_batch, resolve_dataset_root
 from d2_involution.modeling import build_rednet
 
 
@@ -56,23 +52,6 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_classes_and_batch(cfg: CfgNode, training: bool) -> None:
-    """``MODEL.CLS.NUM_CLASSES`` from the training folder (when 0), and, for training, the batch,
-    LR and iterations (``scale_solver_to_actual_batch``)."""
-    if not training and cfg.MODEL.CLS.NUM_CLASSES != 0:
-        return
-    num_images, num_classes = count_train_images_and_classes(cfg)
-    if cfg.MODEL.CLS.NUM_CLASSES == 0:
-        cfg.MODEL.CLS.NUM_CLASSES = num_classes
-    elif cfg.MODEL.CLS.NUM_CLASSES != num_classes:
-        raise ValueError(
-            f"MODEL.CLS.NUM_CLASSES is {cfg.MODEL.CLS.NUM_CLASSES} but the training folder of "
-            f"{cfg.DATASETS.CLS.ROOT!r} has {num_classes} classes"
-        )
-    if training:
-        scale_solver_to_actual_batch(cfg, comm.get_world_size(), num_images)
-
-
 def setup(args: argparse.Namespace) -> CfgNode:
     """Config from file and command line, resolved (classes, batch, LR, iterations) and frozen."""
     cfg = get_cls_cfg()
@@ -83,7 +62,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     if getattr(args, "export_backbone", ""):
         cfg.freeze()
         return cfg
-    _resolve_classes_and_batch(cfg, training=not args.eval_only)
+    resolve_classes_and_batch(cfg, comm.get_world_size(), training=not args.eval_only)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -24,12 +24,15 @@ from detectron2.utils import comm
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .config import scale_solver_to_actual_batch
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "BUILTIN_CLASSIFICATION_FOLDERS",
     "ImageFolderClassification",
     "ResumableTrainingSampler",
     "ResumableTrainLoader",
+    "resolve_classes_and_batch",
     "resolve_dataset_root",
     "build_cls_test_loader",
     "build_cls_train_loader",
@@ -358,3 +361,20 @@ def count_train_images_and_classes(cfg: CfgNode) -> Tuple[int, int]:
     """(number of training images, number of classes) of the configured folder."""
     dataset = _train_dataset(cfg, resolve_dataset_root(cfg.DATASETS.CLS.ROOT))
     return len(dataset), len(dataset.classes)
+
+
+def resolve_classes_and_batch(cfg: CfgNode, world_size: int, training: bool) -> None:
+    """``MODEL.CLS.NUM_CLASSES`` from the training folder (when 0), and, for training, the batch,
+    LR and iterations (:func:`scale_solver_to_actual_batch`); in place, on a mutable config."""
+    if not training and cfg.MODEL.CLS.NUM_CLASSES != 0:
+        return
+    num_images, num_classes = count_train_images_and_classes(cfg)
+    if cfg.MODEL.CLS.NUM_CLASSES == 0:
+        cfg.MODEL.CLS.NUM_CLASSES = num_classes
+    elif cfg.MODEL.CLS.NUM_CLASSES != num_classes:
+        raise ValueError(
+            f"MODEL.CLS.NUM_CLASSES is {cfg.MODEL.CLS.NUM_CLASSES} but the training folder of "
+            f"{cfg.DATASETS.CLS.ROOT!r} has {num_classes} classes"
+        )
+    if training:
+        scale_solver_to_actual_batch(cfg, world_size, num_images)

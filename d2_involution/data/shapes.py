@@ -44,6 +44,7 @@ __all__ = [
     "render_shapes_scene",
     "generate_shapes_split",
     "generate_shapes_classification",
+    "generate_once",
 ]
 
 SHAPE_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle", "ellipse", "star")
@@ -278,8 +279,10 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _generate_once(target: Path, manifest: dict, build: Callable[[Path], None]) -> Path:
-    """Make ``target`` hold what ``build`` writes, unless it already matches ``manifest``."""
+def generate_once(target: Path, manifest: dict, build: Callable[[Path], None]) -> Path:
+    """Make the folder ``target`` hold what ``build(tmp_folder)`` writes, unless it already holds
+    ``manifest``: built in a temporary sibling, renamed into place, under an inter-process lock,
+    so concurrent processes build once and an interrupted build leaves nothing half-written."""
     if _read_manifest(target) == manifest:
         return target
     parent = target.parent
@@ -289,7 +292,7 @@ def _generate_once(target: Path, manifest: dict, build: Callable[[Path], None]) 
             return target
         if target.exists() and not (target / MANIFEST).exists() and any(target.iterdir()):
             raise ValueError(
-                f"{target} exists but was not written by the shapes generator (no {MANIFEST}); "
+                f"{target} exists but was not written by d2_involution (no {MANIFEST}); "
                 "remove it or choose another root"
             )
         # Leftovers of an interrupted generation (only ever created under this lock).
@@ -413,7 +416,7 @@ def generate_shapes_split(
         with open(out / "instances.json", "w") as f:
             json.dump(coco, f, separators=(",", ":"))
 
-    return str(_generate_once(root_path / split, manifest, build))
+    return str(generate_once(root_path / split, manifest, build))
 
 
 def generate_shapes_classification(
@@ -460,7 +463,7 @@ def generate_shapes_classification(
                     image = _classification_image(rng, cls, image_size, max_distractors)
                     _write_png(folder / f"{index:05d}.png", image)
 
-    return str(_generate_once(root_path, manifest, build))
+    return str(generate_once(root_path, manifest, build))
 
 
 def _classification_image(
