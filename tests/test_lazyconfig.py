@@ -229,7 +229,9 @@ def test_lazyconfig_trains_and_evaluates_on_shapes(tmp_path, monkeypatch, config
     monkeypatch.setenv("D2INV_SHAPES_TRAIN_IMAGES", "8")
     monkeypatch.setenv("D2INV_SHAPES_VAL_IMAGES", "4")
     out = tmp_path / "output"
+    # From scratch: the semantic configs' shapes-pretrained backbone is tested elsewhere.
     opts = [f"train.output_dir={out}", "train.max_iter=2", "train.log_period=1"]
+    opts.append('train.init_checkpoint=""')
     results = lazyconfig_train_net.main(
         default_argument_parser().parse_args(["--config-file", config, *opts])
     )

@@ -67,7 +67,9 @@ def plot(
     import matplotlib.pyplot as plt
 
     keys = {k for values in by_iteration.values() for k in values}
-    losses = ["total_loss"] + (sorted(k for k in keys if k.startswith("loss")) if all_losses else [])
+    losses = ["total_loss"] + (
+        sorted(k for k in keys if k.startswith("loss")) if all_losses else []
+    )
     metrics = list(metrics) if metrics else metric_keys(by_iteration)
     missing = [k for k in losses[:1] + metrics if k not in keys]
     if missing:

@@ -8,8 +8,9 @@ from ..common.data.coco import dataloader
 from ..common.models.faster_rcnn_rednet_fpn import model
 from ..common.train import lr_multiplier, optimizer, train
 
-# From scratch, every stage trains with batch statistics; a narrower FPN and heads.
-model.backbone.bottom_up.update(depth=26, norm="BN", freeze_at=0)
+# From scratch, every stage trains with batch statistics, the kernel generators start as
+# group-shared convs; a narrower FPN and heads.
+model.backbone.bottom_up.update(depth=26, norm="BN", freeze_at=0, generator_init="static")
 model.backbone.out_channels = 128
 model.proposal_generator.head.in_channels = 128
 # One anchor size per level; the shapes are 25-65 px.

@@ -8,7 +8,7 @@ from ..common.models.retinanet_rednet_fpn import model
 from .faster_rcnn_rednet26_fpn import dataloader, lr_multiplier, optimizer, train  # noqa: F401
 
 # From scratch, every stage trains with batch statistics; a narrower FPN and head (2 convs).
-model.backbone.bottom_up.update(depth=26, norm="BN", freeze_at=0)
+model.backbone.bottom_up.update(depth=26, norm="BN", freeze_at=0, generator_init="static")
 model.backbone.out_channels = 128
 model.head.update(input_shape=[L(ShapeSpec)(channels=128)] * 5, conv_dims=[128, 128], norm="BN")
 model.anchor_generator.sizes = [

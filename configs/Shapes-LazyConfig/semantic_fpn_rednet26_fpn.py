@@ -4,12 +4,17 @@
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 
+from d2_involution.solver import clip_full_model_gradients
+
 from ..common.data.cityscapes_sem_seg import dataloader
 from ..common.models.semantic_fpn_rednet import model
 from ..common.train_sem_seg import lr_multiplier, optimizer, train
 
-# From scratch with batch statistics; a narrower FPN and head.
-model.backbone.bottom_up.update(depth=26, norm="BN")
+# From the shapes-pretrained RedNet-26 (its 3x3 stem involution) with batch statistics, the kernel
+# generators trained from scratch starting as group-shared convs; a narrower FPN and head.
+model.backbone.bottom_up.update(
+    depth=26, norm="BN", stem_involution_kernel=3, generator_init="static"
+)
 model.backbone.out_channels = 128
 for _level in ("p2", "p3", "p4", "p5"):
     model.sem_seg_head.input_shape[_level].channels = 128
@@ -24,11 +29,18 @@ dataloader.test.dataset.names = "shapes_sem_seg_val"
 dataloader.test.mapper.augmentations[0].update(short_edge_length=128, max_size=128)
 dataloader.test.num_workers = 0
 
-optimizer.update(lr=0.02, weight_decay=1e-4)
+optimizer.update(lr=0.01, weight_decay=1e-4)
 optimizer.params.weight_decay_norm = 0.0
+optimizer = L(clip_full_model_gradients)(optimizer=optimizer, max_norm=5.0)
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=lr_multiplier, warmup_factor=0.001, warmup_length=20 / 800
+    scheduler=lr_multiplier, warmup_factor=0.001, warmup_length=20 / 1000
 )
-train.update(init_checkpoint="", max_iter=800, eval_period=200, device="cpu", seed=42)
+train.update(
+    init_checkpoint="shapes-pretrained://rednet26",
+    max_iter=1000,
+    eval_period=250,
+    device="cpu",
+    seed=42,
+)
 train.output_dir = "output/shapes-lazyconfig/semantic_fpn_rednet26_fpn"
 train.checkpointer.period = 100000

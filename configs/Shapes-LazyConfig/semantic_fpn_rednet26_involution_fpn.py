@@ -6,5 +6,5 @@ from d2_involution.modeling import use_involution_outputs
 
 from .semantic_fpn_rednet26_fpn import dataloader, lr_multiplier, model, optimizer, train  # noqa
 
-model.backbone = L(use_involution_outputs)(fpn=model.backbone, norm="BN")
+model.backbone = L(use_involution_outputs)(fpn=model.backbone, norm="BN", generator_init="static")
 train.output_dir = "output/shapes-lazyconfig/semantic_fpn_rednet26_involution_fpn"
