@@ -133,7 +133,7 @@ class Involution(nn.Module):
         becomes a random K x K kernel per group (Kaiming normal, fan-in K*K) and its weight (the
         position-specific part) is scaled by ``dynamic_scale``. With the official init (bias 0)
         each pixel starts with its own random kernel and nothing shared, which from scratch
-        learns far more slowly (docs/training.md, "Kernel-generator init"). The parameters and
+        learns far more slowly (docs/models.md, "Kernel-generator init"). The parameters and
         their shapes are unchanged.
         """
         if not 0.0 <= dynamic_scale <= 1.0:
