@@ -40,7 +40,7 @@ SHAPES_PRETRAINED_PREFIX = "shapes-pretrained://"
 #: Where the recipes live: ``configs/Shapes-Classification/<name>.yaml`` of this source tree.
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "Shapes-Classification"
 BACKBONE_FILE = "backbone.pth"
-_LOGGERS = ("d2", "detectron2", "d2_involution", "fvcore")
+_LOGGERS = ("detectron2", "d2_involution", "fvcore")
 
 
 def _recipe_config(name: str) -> Any:
