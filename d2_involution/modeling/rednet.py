@@ -43,7 +43,6 @@ from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling.backbone import ResNet
 from detectron2.modeling.backbone.build import BACKBONE_REGISTRY
 from torch import nn
-from torch.nn import functional as F
 
 from ..layers import ConvNormAct, Involution, get_norm_layer, init_kernel_generators
 from .involution_blocks import involution_args
@@ -110,7 +109,9 @@ class RedNetStem(CNNBlockBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
-        x = F.relu(_apply_norm(self.bn, self.involution(x)))
+        # ReLU in place, as torchvision's ResNet does: its input is a new tensor that no backward
+        # needs (norms, convs and the involution save their inputs, not their outputs).
+        x = _apply_norm(self.bn, self.involution(x)).relu_()
         x = self.conv2(x)
         return self.maxpool(x)
 
@@ -162,11 +163,13 @@ class RedNetBlock(CNNBlockBase):
             nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(_apply_norm(self.bn1, self.conv1(x)))
-        out = F.relu(_apply_norm(self.bn2, self.conv2(out)))
+        # ReLUs and the residual add in place (see RedNetStem.forward): one full-size tensor less
+        # to allocate and fill per op.
+        out = _apply_norm(self.bn1, self.conv1(x)).relu_()
+        out = _apply_norm(self.bn2, self.conv2(out)).relu_()
         out = _apply_norm(self.bn3, self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        return out.add_(identity).relu_()
 
 
 def make_rednet_stages(
