@@ -12,7 +12,7 @@
 //   reduced[n, r, i, j], gk = (g * K + u) * K + v.
 //
 // Vectorisation (GCC/Clang vector extensions, 32-byte vectors: AVX2 + FMA with -march=native,
-// split into two 16-byte halves elsewhere):
+// split into two 16-byte halves elsewhere; 64-byte ones for two NHWC kernels, see kWideBytes):
 // * NCHW: vectors run along an output row (L = 8 floats / 4 doubles of consecutive pixels) and a
 //   block of up to 8 channels of one group is accumulated in registers, so each tap costs one
 //   weight vector load for up to 8 multiply-adds, each with one unaligned load of x. x is first
@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -41,37 +42,72 @@
 
 namespace {
 
-template <typename T>
-struct Vec {
-  static constexpr int L = 32 / sizeof(T);
-  typedef T V __attribute__((vector_size(32)));
-  typedef T U __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
-};
-template <typename T>
-using vec_t = typename Vec<T>::V;
+// Vector widths in bytes: 32 (AVX2 + FMA with -march=native) for most kernels; kWideBytes (64
+// where the CPU has AVX-512) for the NHWC forward and grad-input, whose vectors are a group's 16
+// channels: measured 2x faster with it, while the others measured no faster or slower (rows of
+// 7-56 pixels fill 16 lanes worse; NHWC grad-weight is bound by its transposing shuffles).
+#if defined(__AVX512F__)
+constexpr int kWideBytes = 64;
+#else
+constexpr int kWideBytes = 32;
+#endif
 
-template <typename T>
-inline vec_t<T> vload(const T* p) {
-  return *reinterpret_cast<const typename Vec<T>::U*>(p);
+template <typename T, int B = 32>
+struct Vec {
+  static constexpr int L = B / sizeof(T);
+  typedef T V __attribute__((vector_size(B)));
+  typedef T U __attribute__((vector_size(B), aligned(sizeof(T)), may_alias));
+  // Shuffle masks: integers of T's size.
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> Lane;
+  typedef Lane I __attribute__((vector_size(B)));
+};
+template <typename T, int B = 32>
+using vec_t = typename Vec<T, B>::V;
+
+template <int B = 32, typename T>
+inline vec_t<T, B> vload(const T* p) {
+  return *reinterpret_cast<const typename Vec<T, B>::U*>(p);
 }
-template <typename T>
-inline void vstore(T* p, vec_t<T> v) {
-  *reinterpret_cast<typename Vec<T>::U*>(p) = v;
+template <int B = 32, typename T>
+inline void vstore(T* p, vec_t<T, B> v) {
+  *reinterpret_cast<typename Vec<T, B>::U*>(p) = v;
 }
-template <typename T>
-inline vec_t<T> vsplat(T s) {
-  return vec_t<T>{} + s;
+template <int B = 32, typename T>
+inline vec_t<T, B> vsplat(T s) {
+  return vec_t<T, B>{} + s;
 }
-// Stores the first n lanes of v (all of them when n == L).
+// Stores the first n <= L lanes of v. Partial stores, and the copies below, are written as
+// unrolled conditional lane stores: the compiler turns a plain element loop into a libc
+// memcpy / memset call, which for these rows of 7-56 elements cost more than the copy (more than
+// half of grad-weight's time at res5, 7x7).
 template <typename T>
 inline void store_lanes(T* p, vec_t<T> v, int64_t n) {
-  if (n == Vec<T>::L) {
+  constexpr int L = Vec<T>::L;
+  if (n == L) {
     vstore(p, v);
     return;
   }
-  T lanes[Vec<T>::L];
-  vstore(lanes, v);
-  for (int64_t l = 0; l < n; ++l) p[l] = lanes[l];
+#pragma GCC unroll 16
+  for (int l = 0; l < L; ++l)
+    if (l < n) p[l] = v[l];
+}
+
+// dst[0, n) = src[0, n) and dst[0, n) = 0 for short rows (see store_lanes).
+template <typename T>
+inline void copy_short(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  constexpr int L = Vec<T>::L;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) vstore(dst + j, vload(src + j));
+#pragma GCC unroll 16
+  for (int l = 0; l < L; ++l)
+    if (j + l < n) dst[j + l] = src[j + l];
+}
+template <typename T>
+inline void zero_short(T* dst, int64_t n) {
+  constexpr int L = Vec<T>::L;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) vstore(dst + j, vec_t<T>{});
+  store_lanes(dst + j, vec_t<T>{}, n - j);
 }
 
 template <typename T>
@@ -203,8 +239,8 @@ Planes<T> padded_copy(const T* src, int64_t count, int64_t rows, int64_t cols, i
                       int slot) {
   T* dst = scratch<T>(slot, count * rows * pitch);
   for (int64_t p = 0; p < count * rows; ++p) {
-    std::memcpy(dst + p * pitch, src + p * cols, cols * sizeof(T));
-    std::fill(dst + p * pitch + cols, dst + (p + 1) * pitch, T(0));
+    copy_short(dst + p * pitch, src + p * cols, cols);
+    zero_short(dst + p * pitch + cols, pitch - cols);
   }
   return {dst, rows * pitch, pitch};
 }
@@ -214,7 +250,7 @@ template <typename T>
 void unpad_copy(const Planes<T>& src, T* dst, int64_t count, int64_t rows, int64_t cols) {
   for (int64_t p = 0; p < count; ++p)
     for (int64_t i = 0; i < rows; ++i)
-      std::memcpy(dst + (p * rows + i) * cols, src.row(p, i), cols * sizeof(T));
+      copy_short(dst + (p * rows + i) * cols, src.row(p, i), cols);
 }
 
 // =============================================================================================
@@ -252,7 +288,7 @@ PhaseTile<T> phase_tile(const T* src, int64_t nch, const Geometry& g, int64_t nv
       T* dst = t.data + c * t.cs + (y + p) * t.cols;
       if (s == 1) {
         const int64_t n = std::min(g.W, t.cols - p);
-        if (n > 0) std::memcpy(dst + p, row, n * sizeof(T));
+        copy_short(dst + p, row, n);
         continue;
       }
       for (int64_t ph = 0; ph < s; ++ph) {  // input column x = col * s + ph - p
@@ -376,17 +412,16 @@ inline void gi_block(const T* __restrict__ wb, const T* __restrict__ gb, int64_t
 }
 
 // dst[0, n) = src[0, n) and dst[n, ceil(n / L) * L) = 0, with whole-vector loads when `whole`
-// (the source may then be read up to the next multiple of L), else with memcpy.
+// (the source may then be read up to the next multiple of L), else element-wise.
 template <typename T>
 inline void copy_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n, bool whole) {
   constexpr int L = Vec<T>::L;
   if (!whole) {
-    std::memcpy(dst, src, n * sizeof(T));
-    for (int64_t j = n; j % L != 0; ++j) dst[j] = T(0);
-    return;
+    copy_short(dst, src, n);
+  } else {
+    for (int64_t j = 0; j < n; j += L) vstore(dst + j, vload(src + j));
   }
-  for (int64_t j = 0; j < n; j += L) vstore(dst + j, vload(src + j));
-  for (int64_t j = n; j % L != 0; ++j) dst[j] = T(0);
+  zero_short(dst + n, (L - n % L) % L);
 }
 
 // go: the group's cpg planes (Ho x Wo, pitch go.pitch); w: its K*K weight planes (pitch w.pitch,
@@ -406,7 +441,7 @@ void grad_input_group(Planes<const T> go, Planes<const T> w, int64_t w_after, T*
   std::fill(gt, gt + cpg * g.Ho * Jw, T(0));
   for (int64_t c = 0; c < cpg; ++c)
     for (int64_t i = 0; i < g.Ho; ++i)
-      std::memcpy(gt + (c * g.Ho + i) * Jw + PL, go.row(c, i), g.Wo * sizeof(T));
+      copy_short(gt + (c * g.Ho + i) * Jw + PL, go.row(c, i), g.Wo);
   T* wb = scratch<T>(3, g.kk() * Jw);
   std::fill(wb, wb + g.kk() * Jw, T(0));
   const int64_t cs = g.Ho * Jw;
@@ -694,7 +729,7 @@ void fused_backward_nchw(const T* go, const T* x, const T* red, const T* A, cons
       grad_weight_rows<T>(xt, gov, {dW, npix, task.Wp}, g, task.nvec, task.Wp);
       for (int64_t k = 0; k < kk; ++k)  // lanes beyond Wo: exactly zero
         for (int64_t i = 0; i < g.Ho; ++i)
-          std::fill(dW + k * npix + i * task.Wp + g.Wo, dW + k * npix + (i + 1) * task.Wp, T(0));
+          zero_short(dW + k * npix + i * task.Wp + g.Wo, task.Wp - g.Wo);
       generate_t(Ag, R, dW, kk, dred_t, npix);
       generate_grad(dW, kk, rv.ptr, R, npix, dA + grp * kk * R, db + grp * kk);
     }
@@ -712,26 +747,38 @@ void fused_backward_nchw(const T* go, const T* x, const T* red, const T* A, cons
 #define D2I_SHUFFLE(a, b, I, ...) __builtin_shuffle(a, b, I{__VA_ARGS__})
 #endif
 
-// r[t] = the sum of the lanes of a[t] for t < L (a transposing reduction tree, fixed order).
-inline vec_t<float> transpose_sum(const vec_t<float>* a) {
-  typedef int32_t I __attribute__((vector_size(32)));
-  vec_t<float> c[4], d[2];
-  for (int q = 0; q < 4; ++q)
-    c[q] = D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 0, 8, 2, 10, 4, 12, 6, 14) +
-           D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 1, 9, 3, 11, 5, 13, 7, 15);
-  for (int q = 0; q < 2; ++q)
-    d[q] = D2I_SHUFFLE(c[2 * q], c[2 * q + 1], I, 0, 1, 8, 9, 4, 5, 12, 13) +
-           D2I_SHUFFLE(c[2 * q], c[2 * q + 1], I, 2, 3, 10, 11, 6, 7, 14, 15);
-  return D2I_SHUFFLE(d[0], d[1], I, 0, 1, 2, 3, 8, 9, 10, 11) +
-         D2I_SHUFFLE(d[0], d[1], I, 4, 5, 6, 7, 12, 13, 14, 15);
+// Lane o of one level of transpose_sum's tree: blocks of B lanes taken alternately from the
+// first and the second vector (indices >= L name the second).
+constexpr int pair_lane(int o, int B, int L) {
+  return (o / (2 * B)) * 2 * B + (o % (2 * B) < B ? o % (2 * B) : L + o % (2 * B) - B);
 }
-inline vec_t<double> transpose_sum(const vec_t<double>* a) {
-  typedef int64_t I __attribute__((vector_size(32)));
-  vec_t<double> c[2];
-  for (int q = 0; q < 2; ++q)
-    c[q] = D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 0, 4, 2, 6) +
-           D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 1, 5, 3, 7);
-  return D2I_SHUFFLE(c[0], c[1], I, 0, 1, 4, 5) + D2I_SHUFFLE(c[0], c[1], I, 2, 3, 6, 7);
+
+template <typename T, int B, std::size_t... O>
+inline vec_t<T> pair_sum(vec_t<T> x, vec_t<T> y, std::index_sequence<O...>) {
+  constexpr int L = Vec<T>::L;
+  typedef typename Vec<T>::I I;
+  return D2I_SHUFFLE(x, y, I, pair_lane(O, B, L)...) +
+         D2I_SHUFFLE(x, y, I, (pair_lane(O, B, L) + B)...);
+}
+
+// One level: the L / B vectors of c, each lane block of B holding partial sums, summed in pairs.
+template <typename T, int B>
+inline void transpose_levels(vec_t<T>* c) {
+  constexpr int L = Vec<T>::L;
+  if constexpr (B < L) {
+    for (int q = 0; q < L / (2 * B); ++q)
+      c[q] = pair_sum<T, B>(c[2 * q], c[2 * q + 1], std::make_index_sequence<L>());
+    transpose_levels<T, 2 * B>(c);
+  }
+}
+
+// r[t] = the sum of the lanes of a[t] for t < L (a transposing reduction tree, fixed order).
+template <typename T>
+inline vec_t<T> transpose_sum(const vec_t<T>* a) {
+  vec_t<T> c[Vec<T>::L];
+  for (int t = 0; t < Vec<T>::L; ++t) c[t] = a[t];
+  transpose_levels<T, 1>(c);
+  return c[0];
 }
 
 // Taps in [lo, hi) whose input index o * s - pad + t * dil lies in [0, n).
@@ -749,48 +796,39 @@ struct TapRef {
 
 // out[c] = sum_e w[taps[e].w + group(c) * kk] * src[taps[e].src + c] over NG groups of VPG
 // channel vectors: one broadcast weight per group and tap.
-template <typename T, int NG, int VPG>
+template <typename T, int B, int NG, int VPG>
 inline void nhwc_block(const T* __restrict__ src, const T* __restrict__ w, int64_t kk,
                        const TapRef* __restrict__ taps, int64_t ntaps, T* __restrict__ out) {
-  constexpr int L = Vec<T>::L;
-  vec_t<T> acc[NG * VPG] = {};
+  constexpr int L = Vec<T, B>::L;
+  vec_t<T, B> acc[NG * VPG] = {};
   for (int64_t e = 0; e < ntaps; ++e) {
     const T* sp = src + taps[e].src;
     const T* wp = w + taps[e].w;
 #pragma GCC unroll 8
     for (int gb = 0; gb < NG; ++gb) {
-      const vec_t<T> wv = vsplat(wp[gb * kk]);
+      const vec_t<T, B> wv = vsplat<B>(wp[gb * kk]);
 #pragma GCC unroll 8
-      for (int q = 0; q < VPG; ++q) acc[gb * VPG + q] += wv * vload(sp + (gb * VPG + q) * L);
+      for (int q = 0; q < VPG; ++q) acc[gb * VPG + q] += wv * vload<B>(sp + (gb * VPG + q) * L);
     }
   }
 #pragma GCC unroll 8
-  for (int b = 0; b < NG * VPG; ++b) vstore(out + b * L, acc[b]);
+  for (int b = 0; b < NG * VPG; ++b) vstore<B>(out + b * L, acc[b]);
 }
 
-// All C channels of one pixel: out[c] = sum over taps of w * src (forward and grad-input).
-template <typename T>
-void nhwc_pixel(const T* src, const T* w, const TapRef* taps, int64_t ntaps, T* out,
-                const Geometry& g) {
-  constexpr int L = Vec<T>::L;
+// nhwc_pixel with B-byte vectors (cpg a multiple of their length).
+template <typename T, int B>
+void nhwc_pixel_vec(const T* src, const T* w, const TapRef* taps, int64_t ntaps, T* out,
+                    const Geometry& g) {
+  constexpr int L = Vec<T, B>::L;
   const int64_t cpg = g.cpg(), kk = g.kk();
-  if (cpg % L != 0) {
-    for (int64_t c = 0; c < g.C; ++c) {
-      T s = T(0);
-      const T* wg = w + (c / cpg) * kk;
-      for (int64_t e = 0; e < ntaps; ++e) s += wg[taps[e].w] * src[taps[e].src + c];
-      out[c] = s;
-    }
-    return;
-  }
   const int64_t vpg = cpg / L;
   if (vpg > 8) {
     for (int64_t grp = 0; grp < g.G; ++grp)
       for (int64_t q0 = 0; q0 < vpg; q0 += 8) {
         const int64_t c0 = grp * cpg + q0 * L;
         with_count<8>(static_cast<int>(std::min<int64_t>(8, vpg - q0)), [&](auto nv) {
-          nhwc_block<T, 1, decltype(nv)::value>(src + c0, w + grp * kk, kk, taps, ntaps,
-                                                out + c0);
+          nhwc_block<T, B, 1, decltype(nv)::value>(src + c0, w + grp * kk, kk, taps, ntaps,
+                                                   out + c0);
         });
       }
     return;
@@ -799,10 +837,26 @@ void nhwc_pixel(const T* src, const T* w, const TapRef* taps, int64_t ntaps, T* 
     constexpr int VPG = decltype(nv)::value, GMAX = 8 / VPG;
     for (int64_t g0 = 0; g0 < g.G; g0 += GMAX)
       with_count<GMAX>(static_cast<int>(std::min<int64_t>(GMAX, g.G - g0)), [&](auto ng) {
-        nhwc_block<T, decltype(ng)::value, VPG>(src + g0 * cpg, w + g0 * kk, kk, taps, ntaps,
-                                                out + g0 * cpg);
+        nhwc_block<T, B, decltype(ng)::value, VPG>(src + g0 * cpg, w + g0 * kk, kk, taps,
+                                                   ntaps, out + g0 * cpg);
       });
   });
+}
+
+// All C channels of one pixel: out[c] = sum over taps of w * src (forward and grad-input).
+template <typename T>
+void nhwc_pixel(const T* src, const T* w, const TapRef* taps, int64_t ntaps, T* out,
+                const Geometry& g) {
+  const int64_t cpg = g.cpg(), kk = g.kk();
+  if (cpg % Vec<T, kWideBytes>::L == 0)
+    return nhwc_pixel_vec<T, kWideBytes>(src, w, taps, ntaps, out, g);
+  if (cpg % Vec<T>::L == 0) return nhwc_pixel_vec<T, 32>(src, w, taps, ntaps, out, g);
+  for (int64_t c = 0; c < g.C; ++c) {
+    T s = T(0);
+    const T* wg = w + (c / cpg) * kk;
+    for (int64_t e = 0; e < ntaps; ++e) s += wg[taps[e].w] * src[taps[e].src + c];
+    out[c] = s;
+  }
 }
 
 // Forward of output row i of image n; w: that row's weights, pixel stride wps.
@@ -871,12 +925,8 @@ inline void nhwc_gw_group(const T* __restrict__ go, const T* const* xp, int64_t 
       for (int q = 1; q < VPG; ++q) a += gv[q] * vload(x + q * L);
       acc[t] = a;
     }
-    const vec_t<T> r = transpose_sum(acc);
-    if (k0 + L <= kk) {
-      vstore(gw + k0, r);
-    } else {
-      for (int64_t t = 0; k0 + t < kk; ++t) gw[k0 + t] = r[t];
-    }
+    const vec_t<T> r = transpose_sum<T>(acc);
+    store_lanes(gw + k0, r, std::min<int64_t>(L, kk - k0));
   }
 }
 
@@ -1090,7 +1140,7 @@ void fused_backward_nhwc(const T* go, const T* x, const T* red, const T* A, cons
       grad_weight_row_nhwc<T>(go_img + i * g.Wo * g.C, x + n * g.plane_in() * g.C,
                               dW + i * g.Wo * Mp, Mp, i, g, xp.data(), zeros.data());
       for (int64_t j = 0; j < g.Wo; ++j)
-        std::fill(dW + (i * g.Wo + j) * Mp + M, dW + (i * g.Wo + j + 1) * Mp, T(0));
+        zero_short(dW + (i * g.Wo + j) * Mp + M, Mp - M);
     }
     // red with pitch Rp; dred and dA accumulated with pitch Rp, copied out at the end.
     T* redp = scratch<T>(1, npix * Rp);
@@ -1098,7 +1148,7 @@ void fused_backward_nhwc(const T* go, const T* x, const T* red, const T* A, cons
     T* dAp = scratch<T>(3, M * Rp);
     std::fill(redp, redp + npix * Rp, T(0));
     std::fill(dAp, dAp + M * Rp, T(0));
-    for (int64_t p = 0; p < npix; ++p) std::memcpy(redp + p * Rp, red_img + p * R, R * sizeof(T));
+    for (int64_t p = 0; p < npix; ++p) copy_short(redp + p * Rp, red_img + p * R, R);
     const int64_t nv = Rp / L;
     for (int64_t p = 0; p < npix; p += 4)
       for (int64_t q = 0; q < nv; q += 3)
@@ -1117,9 +1167,9 @@ void fused_backward_nhwc(const T* go, const T* x, const T* red, const T* A, cons
           });
         });
     for (int64_t p = 0; p < npix; ++p)
-      std::memcpy(dred + (n * npix + p) * R, dredp + p * Rp, R * sizeof(T));
+      copy_short(dred + (n * npix + p) * R, dredp + p * Rp, R);
     T* dA = dA_part + n * M * R;
-    for (int64_t m = 0; m < M; ++m) std::memcpy(dA + m * R, dAp + m * Rp, R * sizeof(T));
+    for (int64_t m = 0; m < M; ++m) copy_short(dA + m * R, dAp + m * Rp, R);
     T* db = dbias_part + n * M;
     std::vector<vec_t<T>> acc(Mp / L, vec_t<T>{});
     for (int64_t p = 0; p < npix; ++p)
