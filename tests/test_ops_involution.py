@@ -3,7 +3,10 @@ a plain unfold reference, gradients, layouts, the custom op (opcheck, torch.comp
 tracing, and bad input. The fused op: tests/test_ops_involution_fused.py."""
 
 import io
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,6 +195,52 @@ def test_threads_do_not_change_results(layout):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+_POOL_RESULTS = """
+import sys, torch
+from d2_involution.ops import cpu_kernel, involution
+assert cpu_kernel.thread_runtime() == "pool", cpu_kernel.thread_runtime()
+torch.set_num_threads(2)
+x, w = torch.load(sys.argv[1])
+x.requires_grad_(), w.requires_grad_()
+out = involution(x, w)
+torch.save((out, *torch.autograd.grad(out.sum(), (x, w))), sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(
+    "OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"),
+    reason="PyTorch without OpenMP or not on Linux: the kernels use their own thread pool",
+)
+def test_threads_run_on_pytorchs_openmp_team_with_the_pools_results(tmp_path):
+    """Inside a model PyTorch's OpenMP workers spin after each op, so the kernels run on that team
+    (docs/benchmarks.md); the library's own pool (D2INV_CPU_OPENMP=0) gives identical results."""
+    require_kernel()
+    runtime = cpu_kernel.thread_runtime()
+    assert runtime.startswith("openmp:") and os.path.exists(runtime[len("openmp:") :]), runtime
+    cfg = dict(N=4, C=64, G=4, H=14, W=12, K=7, stride=1, padding=None, dilation=1)
+    x, w = (t.detach() for t in make_inputs(cfg, torch.float32))
+    torch.save((x, w), tmp_path / "inputs.pt")
+    env = dict(os.environ, D2INV_CPU_OPENMP="0")
+    args = [
+        sys.executable,
+        "-c",
+        _POOL_RESULTS,
+        str(tmp_path / "inputs.pt"),
+        str(tmp_path / "pool.pt"),
+    ]
+    subprocess.run(args, env=env, check=True, timeout=300)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x.requires_grad_(), w.requires_grad_()
+        out = involution(x, w)
+        ours = (out, *torch.autograd.grad(out.sum(), (x, w)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(ours, torch.load(tmp_path / "pool.pt")):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -13,8 +13,10 @@ first feature-map argument (:func:`layout`): NCHW, or NHWC for channels_last ten
 channels_last model runs without layout copies. The other inputs are made dense in that layout
 (a copy only when they are not already), and the results are returned in it: feature maps
 channels_last, weights (N, G, K, K, Ho, Wo) with strides of a dense (N, Ho, Wo, G, K, K) tensor.
-Threads: ``torch.get_num_threads()`` (the library's own pool, see ``involution_cpu.cpp``); results
-do not depend on it.
+Threads: ``torch.get_num_threads()``, run on the OpenMP runtime PyTorch has loaded (the same
+team as PyTorch's own ops, found in ``/proc/self/maps``; ``D2INV_CPU_OPENMP=0`` disables that),
+else on the library's own pool (see ``involution_cpu.cpp``); see :func:`thread_runtime`. Results
+depend on neither.
 """
 
 import ctypes
@@ -36,6 +38,7 @@ from torch import Tensor
 __all__ = [
     "available",
     "unavailable_reason",
+    "thread_runtime",
     "layout",
     "forward",
     "grad_input",
@@ -60,10 +63,14 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _LAYOUTS = ("nchw", "nhwc")
 _N_SIZES = 12  # N, C, G, H, W, Ho, Wo, K, stride, pad, dil, threads
 
+_OPENMP_LIBRARIES = ("libgomp", "libiomp5", "libomp")  # GNU, Intel, LLVM
+_OPENMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads", "omp_in_parallel")
+
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None
 _tried = False
+_openmp_path: Optional[str] = None
 
 
 def _cpu_id() -> str:
@@ -130,7 +137,42 @@ def _build() -> ctypes.CDLL:
                 fn = getattr(lib, f"d2i_{name}_{lay}_{suffix}")
                 fn.argtypes = args + [i64] * _N_SIZES
                 fn.restype = None
+    lib.d2i_use_openmp.argtypes = [ptr] * len(_OPENMP_SYMBOLS)
+    lib.d2i_use_openmp.restype = ctypes.c_int
+    _bind_openmp(lib)
     return lib
+
+
+def _loaded_openmp() -> Optional[Tuple[str, ctypes.CDLL]]:
+    """The OpenMP runtime already loaded into this process (by PyTorch), with its path."""
+    if os.environ.get("D2INV_CPU_OPENMP", "1") == "0" or not hasattr(os, "RTLD_NOLOAD"):
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return None
+    for prefix in _OPENMP_LIBRARIES:
+        for path in sorted(p for p in paths if Path(p).name.startswith(prefix + ".so")):
+            try:
+                runtime = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+            except OSError:
+                continue
+            if all(hasattr(runtime, name) for name in _OPENMP_SYMBOLS):
+                return path, runtime
+    return None
+
+
+def _bind_openmp(lib: ctypes.CDLL) -> None:
+    """Run the kernels on PyTorch's OpenMP team when it is found, else on the library's pool."""
+    global _openmp_path
+    found = _loaded_openmp()
+    if found is None:
+        return
+    path, runtime = found
+    entry_points = [ctypes.cast(getattr(runtime, n), ctypes.c_void_p) for n in _OPENMP_SYMBOLS]
+    if lib.d2i_use_openmp(*entry_points):
+        _openmp_path = path
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -166,6 +208,14 @@ def unavailable_reason() -> Optional[str]:
     """Why the C++ kernels could not be used, or None when they can."""
     _load()
     return _reason
+
+
+def thread_runtime() -> Optional[str]:
+    """Where the kernels' threads come from: ``"openmp:<path of the runtime>"`` (PyTorch's OpenMP
+    team) or ``"pool"`` (the library's own threads); None without the C++ kernels."""
+    if _load() is None:
+        return None
+    return f"openmp:{_openmp_path}" if _openmp_path else "pool"
 
 
 # ---------------------------------------------------------------------------------------------

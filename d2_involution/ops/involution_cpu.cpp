@@ -137,11 +137,12 @@ struct Geometry {
   int64_t plane_out() const { return Ho * Wo; }
 };
 
-// A persistent pool of worker threads that sleep on a condition variable between calls. They do
-// not spin: on a loaded machine a spinning pool (such as OpenMP's after each PyTorch op) is
-// served late when woken, which made the 2-thread calls several scheduler ticks slower than
-// single-threaded ones (docs/benchmarks.md). One call at a time; a concurrent or nested call
-// runs on its caller's thread alone. After fork() the child starts a new pool.
+// A persistent pool of worker threads that sleep on a condition variable between calls: the
+// fallback when PyTorch's OpenMP runtime is not found (see OpenMP below). They do not spin: on a
+// loaded machine a separate spinning pool is served late when woken, which made the 2-thread
+// calls several scheduler ticks slower than single-threaded ones (docs/benchmarks.md). One call
+// at a time; a concurrent or nested call runs on its caller's thread alone. After fork() the
+// child starts a new pool.
 class Pool {
  public:
   static Pool& get() {
@@ -202,14 +203,44 @@ class Pool {
 };
 Pool* Pool::pool_ = nullptr;
 
-// Runs fn(i) for i in [0, count) on up to nthreads threads of the pool, in contiguous equal
-// chunks (so which thread computes a task never changes a result).
+// PyTorch's OpenMP runtime, when the loader found it in the process (d2i_use_openmp): the calls
+// then run on the OpenMP team that PyTorch's own ops use. That team's workers spin for a while
+// after every PyTorch op, so inside a model the pool's workers had to share the cores with them:
+// in RedNet-50 training the kernels ran 1.6-1.8x slower than with OMP_WAIT_POLICY=PASSIVE.
+struct OpenMP {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
+  int (*thread_num)() = nullptr;                                            // omp_get_thread_num
+  int (*num_threads)() = nullptr;                                           // omp_get_num_threads
+  int (*in_parallel)() = nullptr;                                           // omp_in_parallel
+};
+OpenMP openmp;
+
+// Runs chunk(t) for t in [0, n) on the OpenMP team (n > 1, not inside a parallel region); every
+// chunk runs even if the runtime grants fewer threads.
+template <typename Chunk>
+void run_openmp(int64_t n, const Chunk& chunk) {
+  struct Job {
+    const Chunk* chunk;
+    int64_t n;
+  } job{&chunk, n};
+  openmp.parallel(
+      [](void* p) {
+        const Job& j = *static_cast<const Job*>(p);
+        for (int64_t t = openmp.thread_num(); t < j.n; t += openmp.num_threads()) (*j.chunk)(t);
+      },
+      &job, static_cast<unsigned>(n), 0);
+}
+
+// Runs fn(i) for i in [0, count) on up to nthreads threads (PyTorch's OpenMP team, else the
+// pool), in contiguous equal chunks (so which thread computes a task never changes a result).
 template <typename Fn>
 void parallel_for(int64_t count, int64_t nthreads, const Fn& fn) {
   const int64_t n = std::max<int64_t>(1, std::min(nthreads, count));
-  Pool::get().run(n, [&](int64_t t) {
+  const auto chunk = [&](int64_t t) {
     for (int64_t i = count * t / n; i < count * (t + 1) / n; ++i) fn(i);
-  });
+  };
+  if (n > 1 && openmp.parallel != nullptr && !openmp.in_parallel()) return run_openmp(n, chunk);
+  Pool::get().run(n, chunk);
 }
 
 // Per-thread scratch buffers, reused across tasks and calls (grown, never shrunk).
@@ -1240,6 +1271,21 @@ void fused_backward(const Backward& backward, T* dA, T* dbias, int64_t R, const 
 #define D2I_ENTRY_POINTS(T, SUFFIX)      \
   D2I_LAYOUT_ENTRY_POINTS(T, SUFFIX, nchw) \
   D2I_LAYOUT_ENTRY_POINTS(T, SUFFIX, nhwc)
+
+// Binds the kernels to the OpenMP runtime at these entry points (all four non-null), or back to
+// the pool (any null). Returns whether OpenMP is used.
+extern "C" int d2i_use_openmp(void* parallel, void* thread_num, void* num_threads,
+                              void* in_parallel) {
+  OpenMP o;
+  if (parallel && thread_num && num_threads && in_parallel) {
+    o.parallel = reinterpret_cast<decltype(o.parallel)>(parallel);
+    o.thread_num = reinterpret_cast<decltype(o.thread_num)>(thread_num);
+    o.num_threads = reinterpret_cast<decltype(o.num_threads)>(num_threads);
+    o.in_parallel = reinterpret_cast<decltype(o.in_parallel)>(in_parallel);
+  }
+  openmp = o;
+  return o.parallel != nullptr;
+}
 
 D2I_ENTRY_POINTS(float, f32)
 D2I_ENTRY_POINTS(double, f64)
