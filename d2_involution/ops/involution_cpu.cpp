@@ -206,7 +206,7 @@ Pool* Pool::pool_ = nullptr;
 // PyTorch's OpenMP runtime, when the loader found it in the process (d2i_use_openmp): the calls
 // then run on the OpenMP team that PyTorch's own ops use. That team's workers spin for a while
 // after every PyTorch op, so inside a model the pool's workers had to share the cores with them:
-// in RedNet-50 training the kernels ran 1.6-1.8x slower than with OMP_WAIT_POLICY=PASSIVE.
+// in RedNet-50 training the kernels ran 1.4-1.5x longer on the pool (docs/benchmarks.md).
 struct OpenMP {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
   int (*thread_num)() = nullptr;                                            // omp_get_thread_num
