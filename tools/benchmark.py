@@ -51,6 +51,7 @@ from torch.nn import functional as F
 from d2_involution import add_involution_config
 from d2_involution.classification import RedNetClassifier
 from d2_involution.modeling import build_rednet
+from d2_involution.ops import cpu_kernel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMP_DTYPES: Dict[str, Optional[torch.dtype]] = {
@@ -451,7 +452,7 @@ def environment(device: torch.device, argv: Sequence[str]) -> Dict[str, str]:
         name += f"{torch.get_num_threads()} torch threads)"
     import torchvision
 
-    return {
+    env = {
         "device": name,
         "torch": torch.__version__,
         "cuda": str(torch.version.cuda) if device.type == "cuda" else "n/a (cpu run)",
@@ -460,6 +461,9 @@ def environment(device: torch.device, argv: Sequence[str]) -> Dict[str, str]:
         "python": platform.python_version(),
         "command": "python tools/benchmark.py " + " ".join(argv),
     }
+    if device.type == "cpu":
+        env["involution kernel threads"] = cpu_kernel.thread_runtime() or "none (pure PyTorch)"
+    return env
 
 
 def _fmt(value: object) -> str:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from d2_involution.layers import Involution
-from d2_involution.ops import involution, involution_output_size, involution_pytorch
+from d2_involution.ops import cpu_kernel, involution, involution_output_size, involution_pytorch
 
 REPO = Path(__file__).resolve().parents[1]
 # name: (channels, input size, stride); K = 7, group_channels = 16 as in RedNet-50.
@@ -295,6 +295,7 @@ def describe_machine(device: str) -> str:
         except (OSError, StopIteration):
             pass
         name += f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        name += f", C++ kernel threads: {cpu_kernel.thread_runtime()}"
     return f"{name}; torch {torch.__version__}"
 
 
