@@ -140,7 +140,7 @@ struct Geometry {
 // A persistent pool of worker threads that sleep on a condition variable between calls: the
 // fallback when PyTorch's OpenMP runtime is not found (see OpenMP below). They do not spin: on a
 // loaded machine a separate spinning pool is served late when woken, which made the 2-thread
-// calls several scheduler ticks slower than single-threaded ones (docs/benchmarks.md). One call
+// calls several scheduler ticks slower than single-threaded ones (measured 2026-12-02). One call
 // at a time; a concurrent or nested call runs on its caller's thread alone. After fork() the
 // child starts a new pool.
 class Pool {
