@@ -30,7 +30,6 @@
 
 #include <algorithm>
 #include <condition_variable>
-#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -57,9 +56,6 @@ struct Vec {
   static constexpr int L = B / sizeof(T);
   typedef T V __attribute__((vector_size(B)));
   typedef T U __attribute__((vector_size(B), aligned(sizeof(T)), may_alias));
-  // Shuffle masks: integers of T's size.
-  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> Lane;
-  typedef Lane I __attribute__((vector_size(B)));
 };
 template <typename T, int B = 32>
 using vec_t = typename Vec<T, B>::V;
@@ -778,38 +774,26 @@ void fused_backward_nchw(const T* go, const T* x, const T* red, const T* A, cons
 #define D2I_SHUFFLE(a, b, I, ...) __builtin_shuffle(a, b, I{__VA_ARGS__})
 #endif
 
-// Lane o of one level of transpose_sum's tree: blocks of B lanes taken alternately from the
-// first and the second vector (indices >= L name the second).
-constexpr int pair_lane(int o, int B, int L) {
-  return (o / (2 * B)) * 2 * B + (o % (2 * B) < B ? o % (2 * B) : L + o % (2 * B) - B);
-}
-
-template <typename T, int B, std::size_t... O>
-inline vec_t<T> pair_sum(vec_t<T> x, vec_t<T> y, std::index_sequence<O...>) {
-  constexpr int L = Vec<T>::L;
-  typedef typename Vec<T>::I I;
-  return D2I_SHUFFLE(x, y, I, pair_lane(O, B, L)...) +
-         D2I_SHUFFLE(x, y, I, (pair_lane(O, B, L) + B)...);
-}
-
-// One level: the L / B vectors of c, each lane block of B holding partial sums, summed in pairs.
-template <typename T, int B>
-inline void transpose_levels(vec_t<T>* c) {
-  constexpr int L = Vec<T>::L;
-  if constexpr (B < L) {
-    for (int q = 0; q < L / (2 * B); ++q)
-      c[q] = pair_sum<T, B>(c[2 * q], c[2 * q + 1], std::make_index_sequence<L>());
-    transpose_levels<T, 2 * B>(c);
-  }
-}
-
 // r[t] = the sum of the lanes of a[t] for t < L (a transposing reduction tree, fixed order).
-template <typename T>
-inline vec_t<T> transpose_sum(const vec_t<T>* a) {
-  vec_t<T> c[Vec<T>::L];
-  for (int t = 0; t < Vec<T>::L; ++t) c[t] = a[t];
-  transpose_levels<T, 1>(c);
-  return c[0];
+inline vec_t<float> transpose_sum(const vec_t<float>* a) {
+  typedef int32_t I __attribute__((vector_size(32)));
+  vec_t<float> c[4], d[2];
+  for (int q = 0; q < 4; ++q)
+    c[q] = D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 0, 8, 2, 10, 4, 12, 6, 14) +
+           D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int q = 0; q < 2; ++q)
+    d[q] = D2I_SHUFFLE(c[2 * q], c[2 * q + 1], I, 0, 1, 8, 9, 4, 5, 12, 13) +
+           D2I_SHUFFLE(c[2 * q], c[2 * q + 1], I, 2, 3, 10, 11, 6, 7, 14, 15);
+  return D2I_SHUFFLE(d[0], d[1], I, 0, 1, 2, 3, 8, 9, 10, 11) +
+         D2I_SHUFFLE(d[0], d[1], I, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+inline vec_t<double> transpose_sum(const vec_t<double>* a) {
+  typedef int64_t I __attribute__((vector_size(32)));
+  vec_t<double> c[2];
+  for (int q = 0; q < 2; ++q)
+    c[q] = D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 0, 4, 2, 6) +
+           D2I_SHUFFLE(a[2 * q], a[2 * q + 1], I, 1, 5, 3, 7);
+  return D2I_SHUFFLE(c[0], c[1], I, 0, 1, 4, 5) + D2I_SHUFFLE(c[0], c[1], I, 2, 3, 6, 7);
 }
 
 // Taps in [lo, hi) whose input index o * s - pad + t * dil lies in [0, n).
@@ -956,7 +940,7 @@ inline void nhwc_gw_group(const T* __restrict__ go, const T* const* xp, int64_t 
       for (int q = 1; q < VPG; ++q) a += gv[q] * vload(x + q * L);
       acc[t] = a;
     }
-    const vec_t<T> r = transpose_sum<T>(acc);
+    const vec_t<T> r = transpose_sum(acc);
     store_lanes(gw + k0, r, std::min<int64_t>(L, kk - k0));
   }
 }
